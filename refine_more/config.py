@@ -1,0 +1,156 @@
+"""Reconstruction configuration: dataclasses, presets, TOML/YAML loading and a stable hash."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .encoding import HashEncodingConfig
+
+
+@dataclass
+class INRConfig:
+    # hash 1: the image coordinate t (1-D, one value per image); tiny, it is dense at every level
+    hash_time: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
+        n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=2, per_level_scale=2.0))
+    # hash 2: (x, y, z) → features of the weighted images; hash 3: (x, y, z) → features of the maps
+    hash_images: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
+        n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16, per_level_scale=1.5))
+    hash_maps: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
+        n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16, per_level_scale=1.5))
+    mlp_hidden: int = 64
+    mlp_layers: int = 3
+    hash_backend: str = "auto"
+
+
+@dataclass
+class UnrollConfig:
+    phases: int = 4
+    unet_width: int = 32            # channels of the first U-Net layer
+    unet_levels: int = 4            # number of 2× downsamplings
+    step_init: float = 0.5          # initial step, as a fraction of ||q|| / ||∇g|| per map (see unrolled.py)
+    create_graph: bool = True       # differentiate through the gradient step (exact unrolled backprop)
+
+
+@dataclass
+class AdaptConfig:
+    lora_rank: int = 16             # paper width: 513,664 trainable of 7,760,484 (paper: ~0.5 M of 7.8 M)
+    lora_beta: float = 1.0          # β of eq. 11 (the update is β·A·B)
+    iters_stage1: int = 500
+    iters_stage2: int = 200
+    train_step_sizes: bool = True
+    warm_spatial_hashes: bool = False  # start hash 2/3 from the seed's tables (True) or fresh (False)
+    plateau_patience: int = 0       # >0: stop a stage when the loss has not improved by plateau_rel for this many iterations
+    plateau_rel: float = 1e-3
+
+
+@dataclass
+class ReconConfig:
+    seed: int = 0
+    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    lr: float = 1e-3
+    iters_stage1: int = 1500
+    iters_stage2: int = 1500
+    tv_weight: float = 0.01         # λ of eq. 4
+    k_band: tuple = (20.0, 26.0)    # fundamental exchange rate k = kF / f is held in this band (1/s)
+    inr: INRConfig = field(default_factory=INRConfig)
+    unroll: UnrollConfig = field(default_factory=UnrollConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    log_every: int = 10             # record losses every n iterations (and at the last)
+    progress: bool = True
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReconConfig":
+        return _from_dict(cls, d, "config")
+
+    def hash(self) -> str:
+        """Stable hash of what changes the result (not progress/logging)."""
+        d = self.to_dict()
+        for k in ("progress", "log_every", "device"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+    def replace(self, **changes) -> "ReconConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _from_dict(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a table, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(fields)})")
+    kwargs = {}
+    for name, value in d.items():
+        ftype = fields[name].type
+        nested = {"INRConfig": INRConfig, "UnrollConfig": UnrollConfig, "AdaptConfig": AdaptConfig,
+                  "HashEncodingConfig": HashEncodingConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        if nested is not None:
+            kwargs[name] = _from_dict(nested, value, f"{where}.{name}")
+        elif name == "k_band":
+            kwargs[name] = tuple(float(v) for v in value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _small_hash(levels=8, log2=14, base=4, scale=1.5):
+    return HashEncodingConfig(n_levels=levels, n_features_per_level=2, log2_hashmap_size=log2,
+                              base_resolution=base, per_level_scale=scale)
+
+
+def preset(name: str) -> ReconConfig:
+    """`paper`: the paper's sizes (GPU). `small`: CPU-sized. `tiny`: for tests (seconds)."""
+    if name == "paper":
+        return ReconConfig()
+    if name == "small":
+        return ReconConfig(
+            iters_stage1=400, iters_stage2=200,
+            inr=INRConfig(hash_images=_small_hash(), hash_maps=_small_hash()),
+            unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2),
+            adapt=AdaptConfig(lora_rank=2, iters_stage1=80, iters_stage2=40),
+        )
+    if name == "tiny":
+        return ReconConfig(
+            iters_stage1=30, iters_stage2=10, progress=False,
+            inr=INRConfig(hash_images=_small_hash(4, 10), hash_maps=_small_hash(4, 10), mlp_hidden=16, mlp_layers=2),
+            unroll=UnrollConfig(phases=2, unet_width=4, unet_levels=1),
+            adapt=AdaptConfig(lora_rank=2, iters_stage1=10, iters_stage2=5),
+        )
+    raise ValueError(f"unknown preset {name!r} (known: paper, small, tiny)")
+
+
+def load_config(path=None, preset_name: str = "small") -> ReconConfig:
+    """A preset, overridden by a TOML or YAML file's keys (nested tables for inr/unroll/adapt)."""
+    cfg = preset(preset_name)
+    if path is None:
+        return cfg
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".toml", ".tml"):
+        import tomllib
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path}: use .toml, .yaml or .json")
+    preset_name = data.pop("preset", preset_name)
+    base = preset(preset_name).to_dict()
+    return ReconConfig.from_dict(_merge(base, data))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

@@ -1,0 +1,140 @@
+"""INR initialisation module (paper §2.2, Fig. 1A).
+
+- hash 1 on the image coordinate t and hash 2 on (x, y, z), concatenated, → MLP1 → complex
+  weighted images W⁽⁰⁾ for every voxel and image (eq. 3);
+- hash 3 on (x, y, z) → MLP2 → the four maps Q⁽⁰⁾ (eq. 5).
+
+All coordinates are a fixed voxel grid, so the torch backend uses the encodings' precomputed
+sparse interpolation (`HashEncoding.precompute`); with tinycudann on CUDA the coordinates go
+to tcnn directly.
+
+Maps are produced in *normalised units* (`MapScaling`): the U-Net of the refinement stage and
+the INR both work on O(1) channels, and `MapScaling.to_physical` applies the output constraints
+of §3.3 (|·| for I0 and T1F, a sigmoid for f) and this project's constraint on the exchange
+rate: k = kF / f is held in `k_band` (tanh), so kF = k·f (spec, Identifiability).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import INRConfig
+from .encoding import HashEncoding, tcnn_available
+
+MAP_NAMES = ("I0", "T1F", "f", "kF")
+
+
+def mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
+    mods, width = [], n_in
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    mods.append(nn.Linear(width, n_out))
+    return nn.Sequential(*mods)
+
+
+def grid_coordinates(shape, device=None) -> torch.Tensor:
+    """(Z·Y·X, 3) coordinates in [0, 1], columns (x, y, z), voxel centres, C order over (z, y, x)."""
+    axes = [(torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n for n in shape]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1), zz.reshape(-1)], dim=1)
+
+
+@dataclass
+class MapScaling:
+    """Normalised map channels ↔ physical maps.
+
+    Channels (all O(1)): c0 → I0 = I0_scale·|c0|, c1 → T1F = T1_scale·|c1|, c2 → f = sigmoid(c2),
+    c3 → k = k_mid + k_half·tanh(c3), kF = k·f. Physical bounds on T1F keep the signal model sane.
+    """
+    I0_scale: float
+    T1_scale: float = 1.0
+    k_band: tuple = (20.0, 26.0)
+    T1_bounds: tuple = (0.05, 6.0)
+
+    def to_physical(self, c: torch.Tensor) -> dict:
+        """c (4, *P) → dict of (*P) tensors I0, T1F, f, k, kF."""
+        k_mid = 0.5 * (self.k_band[0] + self.k_band[1])
+        k_half = 0.5 * (self.k_band[1] - self.k_band[0])
+        I0 = self.I0_scale * c[0].abs()
+        T1F = (self.T1_scale * c[1].abs()).clamp(*self.T1_bounds)
+        f = torch.sigmoid(c[2])
+        k = k_mid + k_half * torch.tanh(c[3])
+        return {"I0": I0, "T1F": T1F, "f": f, "k": k, "kF": k * f}
+
+    def initial_raw(self) -> torch.Tensor:
+        """Channel values of a neutral start: I0 = I0_scale, T1F = 1 s, f ≈ 0.1, k mid-band."""
+        return torch.tensor([1.0, 1.0 / self.T1_scale, -2.2, 0.0])
+
+
+class INR(nn.Module):
+    """Weighted images W⁽⁰⁾ (T, Z, Y, X) complex and map channels Q⁽⁰⁾ (4, Z, Y, X)."""
+
+    def __init__(self, n_images: int, shape, config: INRConfig, seed: int = 0):
+        super().__init__()
+        self.n_images, self.shape, self.config = n_images, tuple(shape), config
+        backend = config.hash_backend
+        self.hash_time = HashEncoding(1, config.hash_time, backend=backend, seed=seed + 1)      # hash 1
+        self.hash_images = HashEncoding(3, config.hash_images, backend=backend, seed=seed + 2)  # hash 2
+        self.hash_maps = HashEncoding(3, config.hash_maps, backend=backend, seed=seed + 3)      # hash 3
+        self.mlp_images = mlp(self.hash_time.n_output_dims + self.hash_images.n_output_dims, 2,
+                              config.mlp_hidden, config.mlp_layers)                              # MLP1
+        self.mlp_maps = mlp(self.hash_maps.n_output_dims, 4, config.mlp_hidden, config.mlp_layers)  # MLP2
+        # start the map head at a neutral point: the last layer's bias gives the initial channels
+        with torch.no_grad():
+            self.mlp_maps[-1].weight.mul_(0.1)
+        self._points = None
+
+    # the temporal / spatial parts of the module, as adaptation freezes or retrains them
+    def temporal_modules(self):
+        return [self.hash_time, self.mlp_images, self.mlp_maps]
+
+    def spatial_modules(self):
+        return [self.hash_images, self.hash_maps]
+
+    def set_map_bias(self, raw: torch.Tensor):
+        with torch.no_grad():
+            self.mlp_maps[-1].bias.copy_(raw)
+
+    def _inputs(self, device):
+        if self._points is None or self._points[0] != device:
+            xyz = grid_coordinates(self.shape, device)
+            t = ((torch.arange(self.n_images, dtype=torch.float32, device=device) + 0.5) / self.n_images)[:, None]
+            use_tcnn = device.type == "cuda" and tcnn_available() and self.config.hash_backend in ("auto", "tcnn")
+            if use_tcnn:
+                pts = (xyz, t)
+            else:
+                pts = (self.hash_images.precompute(xyz), self.hash_time.precompute(t))
+            self._points = (device, pts)
+        return self._points[1]
+
+    def images(self) -> torch.Tensor:
+        """W⁽⁰⁾: complex64 (T, Z, Y, X)."""
+        xyz, t = self._inputs(self.hash_images.params.device)
+        h_space = self.hash_images(xyz)                     # (N, F2)
+        h_time = self.hash_time(t)                          # (T, F1)
+        # MLP1's first layer is linear in concat(h1, h2): split it so the (T·N)-row product is a
+        # broadcast sum instead of a (T·N, F1+F2) matmul
+        first, rest = self.mlp_images[0], self.mlp_images[1:]
+        n1 = h_time.shape[1]
+        a = h_time @ first.weight[:, :n1].T                 # (T, H)
+        b = h_space @ first.weight[:, n1:].T + first.bias   # (N, H)
+        out = rest(a[:, None, :] + b[None, :, :])           # (T, N, 2)
+        return torch.complex(out[..., 0], out[..., 1]).reshape((self.n_images,) + self.shape)
+
+    def map_channels(self) -> torch.Tensor:
+        """Q⁽⁰⁾ in normalised channels: (4, Z, Y, X)."""
+        xyz, _ = self._inputs(self.hash_maps.params.device)
+        if not isinstance(xyz, torch.Tensor):
+            xyz = self._maps_points(xyz)
+        out = self.mlp_maps(self.hash_maps(xyz))            # (N, 4)
+        return out.T.reshape((4,) + self.shape)
+
+    def _maps_points(self, _):
+        # hash 2 and hash 3 may have different layouts: precompute hash 3's matrix once
+        if getattr(self, "_points_maps", None) is None or self._points_maps[0] != self.hash_maps.params.device:
+            dev = self.hash_maps.params.device
+            self._points_maps = (dev, self.hash_maps.precompute(grid_coordinates(self.shape, dev)))
+        return self._points_maps[1]
