@@ -30,7 +30,7 @@ class UnrollConfig:
     phases: int = 4
     unet_width: int = 32            # channels of the first U-Net layer
     unet_levels: int = 4            # number of 2× downsamplings
-    step_init: float = 0.5          # initial step, as a fraction of ||q|| / ||∇g|| per map (see unrolled.py)
+    step_init: float = 1.0          # multiplies the line-searched initial step (see unrolled.py)
     create_graph: bool = True       # differentiate through the gradient step (exact unrolled backprop)
 
 

@@ -30,11 +30,20 @@ class UnrolledPGD(nn.Module):
         return self.step_scale[None] * torch.exp(self.log_step)
 
     @torch.no_grad()
-    def _init_step_scale(self, q, grad, weight):
+    def _init_step_scale(self, q, grad, weight, data_consistency):
+        """Per-map scale ||q_i|| / ||∇_i g|| (so every map moves by the same relative amount),
+        times the best of a few relative step lengths for the first phase (a one-time line search:
+        the maps' units and the data's conditioning differ between subjects)."""
         dims = tuple(range(1, q.dim()))
-        qn = (q * weight).pow(2).sum(dims).sqrt()
+        qn = (q * weight).pow(2).sum(dims).sqrt().clamp_min(1e-3)
         gn = (grad * weight).pow(2).sum(dims).sqrt().clamp_min(1e-12)
-        self.step_scale.copy_(self.config.step_init * qn.clamp_min(1e-3) / gn)
+        per_map = qn / gn
+        best, best_rel = float(data_consistency(q)), 0.0
+        for rel in (0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
+            value = float(data_consistency(q - (rel * per_map).view(-1, 1, 1, 1) * grad * weight))
+            if value < best:
+                best, best_rel = value, rel
+        self.step_scale.copy_(max(best_rel, 1e-4) * self.config.step_init * per_map)
 
     def forward(self, q0: torch.Tensor, data_consistency: Callable[[torch.Tensor], torch.Tensor],
                 weight: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -53,7 +62,7 @@ class UnrolledPGD(nn.Module):
             if not self.config.create_graph:
                 grad = grad.detach()
             if float(self.step_scale.abs().sum()) == 0.0:
-                self._init_step_scale(q, grad, weight)
+                self._init_step_scale(q.detach(), grad.detach(), weight, data_consistency)
             q_hat = q - self.steps()[k].view(-1, 1, 1, 1) * grad * weight
             refined = self.unet(q_hat.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
             q = weight * refined + (1 - weight) * q_hat

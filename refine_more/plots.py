@@ -1,0 +1,82 @@
+"""Pictures people look at: map montages, loss curves (PNG, written atomically)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .maps_io import atomic_path
+
+DISPLAY = {  # name: (colormap, range or None for robust auto, unit)
+    "I0": ("gray", None, "a.u."),
+    "T1F": ("magma", (0.0, 3.0), "s"),
+    "f": ("viridis", (0.0, 0.2), ""),
+    "kF": ("cividis", (0.0, 5.0), "1/s"),
+}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def montage_png(path, maps: dict, reference: dict | None = None, title: str = "", slice_index: int | None = None):
+    """One row per source (reconstruction, reference, |difference|), one column per map, central slice."""
+    plt = _plt()
+    names = [n for n in DISPLAY if n in maps]
+    z = maps[names[0]].shape[0] // 2 if slice_index is None else slice_index
+    rows = [("reconstruction", maps)]
+    if reference:
+        rows.append(("reference", reference))
+        rows.append(("|difference|", {n: np.abs(maps[n] - reference[n]) for n in names if n in reference}))
+    fig, axes = plt.subplots(len(rows), len(names), figsize=(2.6 * len(names), 2.5 * len(rows)), squeeze=False)
+    for r, (label, src) in enumerate(rows):
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            ax.axis("off")
+            if name not in src:
+                continue
+            cmap, rng, unit = DISPLAY[name]
+            img = src[name][z]
+            if rng is None or label == "|difference|":
+                hi = float(np.percentile(np.abs(maps[name][z]), 99)) or 1.0
+                rng = (0.0, hi if label != "|difference|" else hi * (0.2 if name != "I0" else 0.2))
+            im = ax.imshow(img, cmap=cmap, vmin=rng[0], vmax=rng[1], origin="lower")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(f"{name} ({unit})" if r == 0 else f"{label}: {name}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(str(path)) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def loss_png(path, history: list, title: str = ""):
+    """Loss terms against iteration (log scale), stage boundary marked; nRMSE on a second panel when present."""
+    plt = _plt()
+    has_err = any(k.startswith("nrmse_") for h in history for k in h)
+    fig, axes = plt.subplots(1, 2 if has_err else 1, figsize=(10 if has_err else 5.5, 3.6), squeeze=False)
+    n1 = max([h["iteration"] + 1 for h in history if h["stage"] == 1], default=0)
+    x = [h["iteration"] + (n1 if h["stage"] == 2 else 0) for h in history]
+    ax = axes[0, 0]
+    for key in ("loss1", "loss2", "loss3", "loss"):
+        pts = [(xi, h[key]) for xi, h in zip(x, history) if key in h]
+        if pts:
+            ax.semilogy(*zip(*pts), label=key)
+    if n1 and any(h["stage"] == 2 for h in history):
+        ax.axvline(n1, color="k", lw=0.6, ls="--")
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "losses", fontsize=9)
+    if has_err:
+        ax = axes[0, 1]
+        for key in sorted({k for h in history for k in h if k.startswith("nrmse_")}):
+            pts = [(xi, h[key]) for xi, h in zip(x, history) if key in h]
+            ax.plot(*zip(*pts), label=key.replace("nrmse_", "nRMSE "))
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("nRMSE (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(str(path)) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
