@@ -63,7 +63,8 @@ class ReconConfig:
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists), so a dict survives JSON/TOML round trips unchanged."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReconConfig":
