@@ -1,0 +1,118 @@
+"""Adapted vs from-scratch reconstruction on a small synthetic cohort (paper §4.3, Fig. 6, Table S1).
+
+Reconstructs the seed from scratch, then every other subject both from scratch and adapted from
+the seed, in one process. The speedup is the time the adapted run needs to reach the from-scratch
+run's *final* nRMSE, against the from-scratch run's total time (per map: T1F, f, kF).
+
+    python benchmarks/adaptation.py [--subjects 4] [--matrix 6 32 32] [--preset small]
+
+Writes benchmarks/results/adaptation.json and adaptation.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refine_more.adaptation import SeedState
+from refine_more.config import preset
+from refine_more.recon import SCORED, reconstruct
+from refine_more.simulate import SimulationConfig, load_templates, simulate_subject
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_to_reach(history, key, target):
+    """Seconds (within the run) of the first logged iteration whose `key` ≤ target; None if never."""
+    for h in history:
+        if key in h and h[key] <= target:
+            return h["seconds"]
+    return None
+
+
+def compare(scratch, adapted) -> dict:
+    row = {"scratch_total_s": scratch.timings["total"], "adapted_total_s": adapted.timings["total"],
+           "scratch_iterations": scratch.iterations, "adapted_iterations": adapted.iterations}
+    for p in SCORED:
+        key = f"nrmse_{p}"
+        final_scratch = scratch.history[-1][key]
+        final_adapted = adapted.history[-1][key]
+        reach = time_to_reach(adapted.history, key, final_scratch)
+        row[p] = {"scratch_final_nrmse": final_scratch, "adapted_final_nrmse": final_adapted,
+                  "quality_ratio": final_adapted / final_scratch,
+                  "adapted_time_to_reach_s": reach,
+                  "speedup": (scratch.timings["total"] / reach) if reach else None}
+    return row
+
+
+def plot(path, runs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
+    for i, (sid, scratch, adapted) in enumerate(runs):
+        for label, res, style in (("scratch", scratch, "-"), ("adapted", adapted, "--")):
+            t = [h["seconds"] for h in res.history]
+            axes[i, 0].semilogy(t, [h["loss"] for h in res.history], style, label=f"{label} total loss")
+            for p in SCORED:
+                axes[i, 1].plot(t, [h[f"nrmse_{p}"] for h in res.history], style, label=f"{label} {p}")
+        axes[i, 0].set_title(f"{sid}: loss vs time", fontsize=9)
+        axes[i, 1].set_title(f"{sid}: nRMSE (%) vs time", fontsize=9)
+        axes[i, 1].set_ylim(0, 40)
+        for ax in axes[i]:
+            ax.set_xlabel("seconds")
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--subjects", type=int, default=4, help="seed + targets")
+    ap.add_argument("--matrix", type=int, nargs=3, default=[6, 32, 32])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--warm", action="store_true", help="warm-start the spatial hashes from the seed")
+    ap.add_argument("--out", default=str(RESULTS / "adaptation.json"))
+    args = ap.parse_args()
+
+    config = preset(args.preset)
+    config.progress = False
+    config.log_every = 5
+    config.adapt.warm_spatial_hashes = args.warm
+    sim = SimulationConfig(matrix=tuple(args.matrix), n_coils=4)
+    templates = load_templates(2)
+    subjects = [simulate_subject(f"sub-{i + 1:03d}", sim, seed=1000 + i, templates=templates) for i in range(args.subjects)]
+
+    t0 = time.perf_counter()
+    seed_result = reconstruct(subjects[0], config)
+    seed_state = SeedState.from_result(seed_result).to_numpy_dict()
+    print(f"seed {subjects[0].subject_id}: {seed_result.timings['total']:.1f} s")
+    rows, runs = {}, []
+    for subject in subjects[1:]:
+        scratch = reconstruct(subject, config)
+        adapted = reconstruct(subject, config, seed_state=seed_state)
+        rows[subject.subject_id] = compare(scratch, adapted)
+        runs.append((subject.subject_id, scratch, adapted))
+        r = rows[subject.subject_id]
+        print(subject.subject_id, {p: (round(r[p]["speedup"] or 0, 2), round(r[p]["quality_ratio"], 3)) for p in SCORED},
+              f"scratch {r['scratch_total_s']:.1f} s, adapted {r['adapted_total_s']:.1f} s")
+    summary = {}
+    for p in SCORED:
+        speedups = [rows[s][p]["speedup"] for s in rows]
+        summary[p] = {"median_speedup": float(np.median([s or 0.0 for s in speedups])),
+                      "all_reached": all(s is not None for s in speedups),
+                      "max_quality_ratio": max(rows[s][p]["quality_ratio"] for s in rows)}
+    out = {"config": config.to_dict(), "config_hash": config.hash(), "matrix": args.matrix,
+           "seed_total_s": seed_result.timings["total"], "subjects": rows, "summary": summary,
+           "wall_s": time.perf_counter() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    plot(Path(args.out).with_suffix(".png"), runs)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
