@@ -92,6 +92,23 @@ def _recon(args):
     return 0
 
 
+def _demo(args):
+    """The main job: simulate a small cohort, run it through the Ray driver in `both` modes."""
+    from cohort.cli import main as cohort_main
+
+    from .simulate import SimulationConfig, simulate_cohort
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    manifest = simulate_cohort(out / "data", args.subjects, SimulationConfig(matrix=tuple(args.matrix)), seed=args.seed)
+    argv = ["run", str(manifest), "--out", str(out / "recon"), "--mode", "both", "--preset", args.preset]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    rc = cohort_main(argv)
+    print(f"demo: {args.subjects} subjects, matrix {tuple(args.matrix)}, preset {args.preset}: "
+          f"{time.perf_counter() - t0:.0f} s wall; results in {out / 'recon'}")
+    return rc
+
+
 def _cohort(argv):
     from cohort.cli import main as cohort_main
     return cohort_main(argv)
@@ -132,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="TOML/YAML overriding the preset")
     r.add_argument("--device", default=None)
     r.set_defaults(func=_recon)
+
+    d = sub.add_parser("demo", help="main job: simulate a small cohort and reconstruct it on a local Ray (adapted and scratch)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--subjects", type=int, default=4)
+    d.add_argument("--matrix", type=int, nargs=3, default=[6, 32, 32], metavar=("Z", "Y", "X"))
+    d.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-cpus", type=int, default=None)
+    d.set_defaults(func=_demo)
 
     sub.add_parser("cohort", help="cohort reconstruction on Ray (see `refine-more cohort run -h`)", add_help=False)
     return p

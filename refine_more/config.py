@@ -40,6 +40,10 @@ class AdaptConfig:
     lora_beta: float = 1.0          # β of eq. 11 (the update is β·A·B)
     iters_stage1: int = 500
     iters_stage2: int = 200
+    # Adam lr of the adapted run. Only hash tables (initialised at ±1e-4) and LoRA factors train,
+    # and with lr 1e-3 the tables need hundreds of steps just to grow to O(1); the frozen MLPs make
+    # a larger rate safe (the instant-NGP default for hash tables is 1e-2).
+    lr: float = 1e-2
     train_step_sizes: bool = True
     warm_spatial_hashes: bool = False  # start hash 2/3 from the seed's tables (True) or fresh (False)
     plateau_patience: int = 0       # >0: stop a stage when the loss has not improved by plateau_rel for this many iterations
@@ -116,7 +120,7 @@ def preset(name: str) -> ReconConfig:
             iters_stage1=400, iters_stage2=200,
             inr=INRConfig(hash_images=_small_hash(), hash_maps=_small_hash()),
             unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2),
-            adapt=AdaptConfig(lora_rank=2, iters_stage1=80, iters_stage2=40),
+            adapt=AdaptConfig(lora_rank=2, iters_stage1=150, iters_stage2=80),
         )
     if name == "tiny":
         return ReconConfig(

@@ -150,6 +150,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         params_stage1, params_stage2 = prepare_adapted_models(seed_state, config, inr, unrolled)
         n1, n2 = config.adapt.iters_stage1, config.adapt.iters_stage2
         patience = config.adapt.plateau_patience
+    lr = config.lr if seed_state is None else config.adapt.lr
     trainable = {"stage1": sum(p.numel() for p in params_stage1), "stage2": sum(p.numel() for p in params_stage2)}
 
     reference = subject.reference if (track_reference and subject.reference) else {}
@@ -179,7 +180,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
     bar = tqdm(total=n1 + n2, desc=progress_desc or subject.subject_id, disable=not config.progress, leave=False)
 
     # -- stage 1: INR (loss 1 + loss 2) --------------------------------------------------------
-    opt = torch.optim.Adam(params_stage1, lr=config.lr)
+    opt = torch.optim.Adam(params_stage1, lr=lr)
     it1 = 0
     for it1 in range(n1):
         opt.zero_grad(set_to_none=True)
@@ -198,7 +199,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
 
     # -- stage 2: INR + unrolled refinement (loss 1 + 2 + 3) -----------------------------------
     t2 = time.perf_counter()
-    opt = torch.optim.Adam(params_stage2, lr=config.lr)
+    opt = torch.optim.Adam(params_stage2, lr=lr)
     totals = []
     it2 = 0
     for it2 in range(n2):
