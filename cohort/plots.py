@@ -4,17 +4,14 @@
 - :func:`loss_plot` -- loss curves over the global iteration index, stage boundary marked.
 - :func:`summary_plot` -- runtime per subject and mode (grouped bars).
 
-Kept here so that ``cohort/`` does not depend on a plotting module of ``refine_more`` that may not
-exist yet; ``refine_more/plots.py`` may take these over later (same signatures).
+Map and loss pictures live in :mod:`refine_more.plots`; this module adds the cohort chart.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
+from refine_more.plots import global_steps, loss_png, montage_png  # noqa: F401 (re-exported)
 
-MAP_NAMES = ("I0", "T1F", "f", "kF")
-UNITS = {"I0": "a.u.", "T1F": "s", "f": "", "kF": "1/s"}
 
 
 def _plt():
@@ -34,76 +31,14 @@ def _save(fig, path):
     return str(path)
 
 
-def _robust_range(*arrays, mask=None):
-    vals = []
-    for a in arrays:
-        a = np.asarray(a, dtype=np.float64)
-        sel = a[mask] if mask is not None and mask.shape == a.shape and mask.any() else a.ravel()
-        sel = sel[np.isfinite(sel)]
-        if sel.size:
-            vals.append(sel)
-    if not vals:
-        return 0.0, 1.0
-    v = np.concatenate(vals)
-    lo, hi = np.percentile(v, [1, 99])
-    if not hi > lo:
-        hi = lo + 1.0
-    return float(min(lo, 0.0)), float(hi)
-
-
 def montage(path, maps: dict, reference: dict | None = None, tissue_mask=None, title: str = "") -> str:
-    """Middle slice of I0, T1F, f, kF (row 1) and the reference maps (row 2, when given)."""
-    plt = _plt()
-    reference = {k: v for k, v in (reference or {}).items() if k in MAP_NAMES}
-    rows = 2 if reference else 1
-    fig, axes = plt.subplots(rows, len(MAP_NAMES), figsize=(3.0 * len(MAP_NAMES), 2.8 * rows), squeeze=False)
-    z = None
-    for j, name in enumerate(MAP_NAMES):
-        est = np.asarray(maps[name])
-        z = est.shape[0] // 2
-        m = None if tissue_mask is None else np.asarray(tissue_mask, bool)
-        ref = reference.get(name)
-        lo, hi = _robust_range(est, *([ref] if ref is not None else []), mask=m)
-        for i, (label, arr) in enumerate((("estimate", est), ("reference", ref))[:rows]):
-            ax = axes[i][j]
-            ax.axis("off")
-            if arr is None:
-                continue
-            im = ax.imshow(np.asarray(arr)[z], cmap="gray" if name == "I0" else "viridis", vmin=lo, vmax=hi)
-            ax.set_title(f"{name} ({UNITS[name]}) {label}" if UNITS[name] else f"{name} {label}", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(f"{title} (slice {z})", fontsize=10)
-    return _save(fig, path)
+    """The four maps beside the reference (and their difference) when there is one."""
+    return montage_png(path, maps, reference, title=title)
 
 
 def loss_plot(path, history: list, title: str = "") -> str:
-    """Loss terms against the global iteration index (stage 2 continues after stage 1)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = global_steps(history)
-    for key in ("loss", "loss1", "loss2", "loss3"):
-        pts = [(s, h[key]) for s, h in zip(steps, history) if key in h and h[key] is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=key, lw=1.5 if key == "loss" else 1.0)
-    s2 = [s for s, h in zip(steps, history) if h.get("stage") == 2]
-    if s2:
-        ax.axvline(min(s2), color="k", ls=":", lw=0.8)
-    if any(h.get("loss", 1) > 0 for h in history):
-        ax.set_yscale("log")
-    ax.set_xlabel("iteration (stage 1, then stage 2)")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    return _save(fig, path)
-
-
-def global_steps(history: list) -> list:
-    """Global iteration index of each history entry: stage-2 iterations follow the last of stage 1."""
-    n1 = max((int(h["iteration"]) + 1 for h in history if h.get("stage") == 1), default=0)
-    return [int(h["iteration"]) + (n1 if h.get("stage") == 2 else 0) for h in history]
+    """Loss curves (and nRMSE when tracked) against the global iteration index."""
+    return loss_png(path, history, title=title)
 
 
 def summary_plot(path, rows: list, title: str = "") -> str:

@@ -139,7 +139,7 @@ class CohortTracker:
         if not self.enabled or not self.parent_run_id:
             return None
         try:
-            from cohort.plots import global_steps
+            from refine_more.plots import global_steps
             start = int(1000 * row["started_at"]) if _finite(row.get("started_at")) else None
             tags = {"mlflow.parentRunId": self.parent_run_id, "refine_more.kind": "subject",
                     "subject_id": row["subject_id"], "mode": row["mode"], "status": row["status"]}

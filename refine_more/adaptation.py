@@ -149,6 +149,10 @@ def prepare_adapted_models(seed_state, config: ReconConfig, inr, unrolled):
     unrolled.to(device)
     unrolled.log_step.requires_grad_(config.adapt.train_step_sizes)
     spatial = list(inr.hash_images.parameters()) + list(inr.hash_maps.parameters())
+    if config.adapt.train_map_mlp:
+        for p in inr.mlp_maps.parameters():
+            p.requires_grad_(True)
+        spatial += list(inr.mlp_maps.parameters())
     stage2 = spatial + lora_parameters(unrolled.unet) + ([unrolled.log_step] if config.adapt.train_step_sizes else [])
     return spatial, stage2
 

@@ -45,6 +45,7 @@ class AdaptConfig:
     # a larger rate safe (the instant-NGP default for hash tables is 1e-2).
     lr: float = 1e-2
     train_step_sizes: bool = True
+    train_map_mlp: bool = False     # paper: MLP2 frozen; True also adapts MLP2 (ablation)
     warm_spatial_hashes: bool = False  # start hash 2/3 from the seed's tables (True) or fresh (False)
     plateau_patience: int = 0       # >0: stop a stage when the loss has not improved by plateau_rel for this many iterations
     plateau_rel: float = 1e-3

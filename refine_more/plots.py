@@ -20,10 +20,17 @@ def _plt():
     return plt
 
 
+def global_steps(history: list) -> list:
+    """Global iteration index of each history entry: stage-2 iterations follow the last of stage 1."""
+    n1 = max((int(h["iteration"]) + 1 for h in history if h.get("stage") == 1), default=0)
+    return [int(h["iteration"]) + (n1 if h.get("stage") == 2 else 0) for h in history]
+
+
 def montage_png(path, maps: dict, reference: dict | None = None, title: str = "", slice_index: int | None = None):
     """One row per source (reconstruction, reference, |difference|), one column per map, central slice."""
     plt = _plt()
     names = [n for n in DISPLAY if n in maps]
+    reference = {k: v for k, v in (reference or {}).items() if k in DISPLAY} or None
     z = maps[names[0]].shape[0] // 2 if slice_index is None else slice_index
     rows = [("reconstruction", maps)]
     if reference:
@@ -47,8 +54,9 @@ def montage_png(path, maps: dict, reference: dict | None = None, title: str = ""
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    return str(path)
 
 
 def loss_png(path, history: list, title: str = ""):
@@ -57,7 +65,7 @@ def loss_png(path, history: list, title: str = ""):
     has_err = any(k.startswith("nrmse_") for h in history for k in h)
     fig, axes = plt.subplots(1, 2 if has_err else 1, figsize=(10 if has_err else 5.5, 3.6), squeeze=False)
     n1 = max([h["iteration"] + 1 for h in history if h["stage"] == 1], default=0)
-    x = [h["iteration"] + (n1 if h["stage"] == 2 else 0) for h in history]
+    x = global_steps(history)
     ax = axes[0, 0]
     for key in ("loss1", "loss2", "loss3", "loss"):
         pts = [(xi, h[key]) for xi, h in zip(x, history) if key in h]
@@ -78,5 +86,6 @@ def loss_png(path, history: list, title: str = ""):
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    return str(path)

@@ -107,7 +107,9 @@ class Problem:
         return self.data_consistency(torch.polar(self.signal(channels), phase))
 
     def physical_maps(self, channels: torch.Tensor) -> dict:
+        """Maps in the file's units: I0 back in the units of the k-space (undo `data_scale`)."""
         q = self.scaling.to_physical(channels.detach())
+        q["I0"] = q["I0"] * self.data_scale
         return {k: (v * self.tissue).float().cpu().numpy() for k, v in q.items()}
 
 

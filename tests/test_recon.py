@@ -35,6 +35,9 @@ def test_end_to_end_tiny(subject, result):
     assert stage1[-1] < stage1[0]
     assert "loss3" in losses[-1] and "nrmse_T1F" in losses[-1]
     assert set(result.timings) == {"setup", "stage1", "stage2", "total"}
+    # I0 comes back in the units of the k-space (the reference's units), not the normalised ones
+    ratio = np.median(result.maps["I0"][result.tissue_mask] / subject.reference["I0"][result.tissue_mask])
+    assert 0.5 < ratio < 2.0
 
 
 def test_deterministic_with_seed(subject, result):
