@@ -22,8 +22,8 @@ FORMAT = "refine-more-seed-state"
 FORMAT_VERSION = 1
 _HEADER_KEY = "__header__"
 
-# what adaptation reuses (frozen) and what it may warm-start
-FROZEN_PREFIXES = ("inr.hash_time.", "inr.mlp_images.", "inr.mlp_maps.")
+# what adaptation reuses from the seed (frozen, or trained on from the seed) and what it may warm-start
+REUSED_PREFIXES = ("inr.hash_time.", "inr.mlp_images.", "inr.mlp_maps.")
 SPATIAL_PREFIXES = ("inr.hash_images.", "inr.hash_maps.")
 UNROLLED_PREFIX = "unrolled."
 
@@ -56,7 +56,7 @@ class SeedState:
         for prefix, module in (("inr.", inr), (UNROLLED_PREFIX, unrolled)):
             for name, t in module.state_dict().items():
                 full = prefix + name
-                if full.startswith(FROZEN_PREFIXES + SPATIAL_PREFIXES) or full.startswith(UNROLLED_PREFIX):
+                if full.startswith(REUSED_PREFIXES + SPATIAL_PREFIXES) or full.startswith(UNROLLED_PREFIX):
                     arrays[full] = t.detach().cpu().numpy().astype(np.float32, copy=True)
         return cls(arrays=arrays, config=config.to_dict(), config_hash=config.hash(),
                    meta={"seed_subject": result.subject_id, "n_images": inr.n_images})
@@ -149,18 +149,21 @@ def prepare_adapted_models(seed_state, config: ReconConfig, inr, unrolled):
     unrolled.to(device)
     unrolled.log_step.requires_grad_(config.adapt.train_step_sizes)
     spatial = list(inr.hash_images.parameters()) + list(inr.hash_maps.parameters())
-    if config.adapt.train_map_mlp:
-        for p in inr.mlp_maps.parameters():
-            p.requires_grad_(True)
-        spatial += list(inr.mlp_maps.parameters())
+    for flag, module in ((config.adapt.train_image_mlp, inr.mlp_images), (config.adapt.train_map_mlp, inr.mlp_maps)):
+        if flag:
+            for p in module.parameters():
+                p.requires_grad_(True)
+            spatial += list(module.parameters())
     stage2 = spatial + lora_parameters(unrolled.unet) + ([unrolled.log_step] if config.adapt.train_step_sizes else [])
     return spatial, stage2
 
 
-def frozen_tensors(inr) -> dict:
+def frozen_tensors(inr, config: ReconConfig) -> dict:
     """The tensors adaptation must leave bit-identical (for tests and audits)."""
     out = {}
-    for name in ("hash_time", "mlp_images", "mlp_maps"):
+    names = ["hash_time"] + [n for n, trained in (("mlp_images", config.adapt.train_image_mlp),
+                                                  ("mlp_maps", config.adapt.train_map_mlp)) if not trained]
+    for name in names:
         for k, v in getattr(inr, name).state_dict().items():
             out[f"inr.{name}.{k}"] = v.detach().cpu().numpy().copy()
     return out

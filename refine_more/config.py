@@ -44,8 +44,14 @@ class AdaptConfig:
     # and with lr 1e-3 the tables need hundreds of steps just to grow to O(1); the frozen MLPs make
     # a larger rate safe (the instant-NGP default for hash tables is 1e-2).
     lr: float = 1e-2
+    lr_stage2: float = 1e-3         # LoRA factors and the joint stage at the paper's rate (1e-2 oscillates)
     train_step_sizes: bool = True
     train_map_mlp: bool = False     # paper: MLP2 frozen; True also adapts MLP2 (ablation)
+    # The paper freezes MLP1 too. Here it is adapted by default: MLP1 outputs the *complex* weighted
+    # images, and the background phase differs between subjects; with MLP1 frozen, the spatial hash
+    # alone fits the new subject's images slowly (loss 1 at 100 iterations 0.077 vs 0.012, and the
+    # maps stall at ~11-24 % nRMSE; benchmarks/adaptation.py, README). MLP1 is 4-9 k parameters.
+    train_image_mlp: bool = True
     warm_spatial_hashes: bool = False  # start hash 2/3 from the seed's tables (True) or fresh (False)
     plateau_patience: int = 0       # >0: stop a stage when the loss has not improved by plateau_rel for this many iterations
     plateau_rel: float = 1e-3
@@ -121,7 +127,7 @@ def preset(name: str) -> ReconConfig:
             iters_stage1=400, iters_stage2=200,
             inr=INRConfig(hash_images=_small_hash(), hash_maps=_small_hash()),
             unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2),
-            adapt=AdaptConfig(lora_rank=2, iters_stage1=150, iters_stage2=80),
+            adapt=AdaptConfig(lora_rank=4, iters_stage1=100, iters_stage2=100),
         )
     if name == "tiny":
         return ReconConfig(

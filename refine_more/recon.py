@@ -153,6 +153,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         n1, n2 = config.adapt.iters_stage1, config.adapt.iters_stage2
         patience = config.adapt.plateau_patience
     lr = config.lr if seed_state is None else config.adapt.lr
+    lr2 = config.lr if seed_state is None else config.adapt.lr_stage2
     trainable = {"stage1": sum(p.numel() for p in params_stage1), "stage2": sum(p.numel() for p in params_stage2)}
 
     reference = subject.reference if (track_reference and subject.reference) else {}
@@ -201,7 +202,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
 
     # -- stage 2: INR + unrolled refinement (loss 1 + 2 + 3) -----------------------------------
     t2 = time.perf_counter()
-    opt = torch.optim.Adam(params_stage2, lr=lr)
+    opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0
     for it2 in range(n2):

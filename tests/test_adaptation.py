@@ -86,7 +86,8 @@ def test_adapted_run_keeps_frozen_tensors(seed_run):
     adapted = reconstruct(target, cfg, seed_state=state.to_numpy_dict())
     assert adapted.method == "refine-more-adapted"
     assert adapted.iterations == {"stage1": cfg.adapt.iters_stage1, "stage2": cfg.adapt.iters_stage2}
-    after = frozen_tensors(adapted.state["inr"])
+    after = frozen_tensors(adapted.state["inr"], cfg)
+    assert any(k.startswith("inr.hash_time.") for k in after) and any(k.startswith("inr.mlp_maps.") for k in after)
     for k, v in after.items():
         assert np.array_equal(v, state.arrays[k]), k
     # the base U-Net is frozen too: only LoRA factors (and step sizes) moved
@@ -97,6 +98,19 @@ def test_adapted_run_keeps_frozen_tensors(seed_run):
     # trainable counts are what the config says: spatial hashes (+ LoRA + step sizes in stage 2)
     inr = adapted.state["inr"]
     spatial = inr.hash_images.params.numel() + inr.hash_maps.params.numel()
+    spatial += sum(p.numel() for p in inr.mlp_images.parameters())  # adapt.train_image_mlp (default)
     lora = sum(p.numel() for n, p in adapted.state["unrolled"].unet.named_parameters() if "lora_" in n)
     assert adapted.trainable_parameters == {"stage1": spatial, "stage2": spatial + lora + cfg.unroll.phases * 4}
     assert all(np.isfinite(v).all() for v in adapted.maps.values())
+
+
+def test_paper_mode_freezes_both_mlps(seed_run):
+    subject, result = seed_run
+    state = SeedState.from_result(result)
+    cfg = preset("tiny")
+    cfg.adapt.train_image_mlp = False
+    adapted = reconstruct(subject, cfg, seed_state=state)
+    after = frozen_tensors(adapted.state["inr"], cfg)
+    assert any(k.startswith("inr.mlp_images.") for k in after)
+    for k, v in after.items():
+        assert np.array_equal(v, state.arrays[k]), k
