@@ -50,7 +50,7 @@ def montage_png(path, maps: dict, reference: dict | None = None, title: str = ""
                 rng = (0.0, hi if label != "|difference|" else hi * (0.2 if name != "I0" else 0.2))
             im = ax.imshow(img, cmap=cmap, vmin=rng[0], vmax=rng[1], origin="lower")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-            ax.set_title(f"{name} ({unit})" if r == 0 else f"{label}: {name}", fontsize=8)
+            ax.set_title((f"{name} ({unit})" if unit else name) if r == 0 else f"{label}: {name}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(str(path)) as tmp:
