@@ -78,3 +78,18 @@ def test_cli_recon_writes_outputs(tmp_path, subject):
         assert h5.attrs["method"] == "refine-more" and h5["T1F"].shape == subject.shape
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scores"]["refine-more"]["T1F"]["nrmse"] > 0
+
+
+def test_without_coil_maps_b1_or_tissue_mask(tmp_path):
+    """A file with only the required members: ESPIRiT coils, b1 taken as 1, derived tissue mask."""
+    from refine_more.subject import read_subject, write_subject
+    sim = SimulationConfig(matrix=(6, 24, 24), n_coils=4, write_coil_sens=False, write_b1=False)
+    subject = simulate_subject("sub-bare", sim, seed=4)
+    subject.tissue_mask = None
+    write_subject(tmp_path / "bare.h5", subject)
+    bare = read_subject(tmp_path / "bare.h5")
+    assert bare.coil_sens is None and bare.b1 is None and bare.tissue_mask is None
+    assert any("b1" in n for n in bare.notes)
+    result = reconstruct(bare, preset("tiny"))
+    assert result.tissue_mask.sum() > 0.5 * subject.reference["labels"].astype(bool).sum()
+    assert all(np.isfinite(v).all() for v in result.maps.values())
