@@ -35,6 +35,7 @@ def _validate(args):
 def _fit(args):
     import torch
 
+    from .b1 import b1_for
     from .coils import coil_maps_for
     from .fitting import fit_images
     from .maps_io import write_maps
@@ -52,11 +53,12 @@ def _fit(args):
     coils = coil_maps_for(subject)
     images = zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy()
     tissue = derive_tissue_mask(subject)
-    maps = fit_images(images, subject.protocol, subject.b1, tissue)
+    b1, b1_source = b1_for(subject, coils, tissue)
+    maps = fit_images(images, subject.protocol, b1, tissue)
     out = write_maps(args.out, {k: maps[k] for k in ("I0", "T1F", "f", "kF")}, tissue, subject_id=subject.subject_id,
                      method=f"{args.method if args.method == 'full' else 'zf'}-fit", config_hash="voxelwise-lm",
                      voxel_size_mm=subject.voxel_size_mm)
-    print(f"{subject.subject_id}: {args.method} fit in {time.perf_counter() - t0:.1f} s → {out}")
+    print(f"{subject.subject_id}: {args.method} fit (B1+ from {b1_source}) in {time.perf_counter() - t0:.1f} s → {out}")
     return 0
 
 

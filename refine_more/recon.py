@@ -44,6 +44,7 @@ class Result:
     config_hash: str
     device: str
     trainable_parameters: dict = field(default_factory=dict)
+    b1_source: str = "file"          # "file" | "bloch-siegert" (estimated from the data) | "unity"
     state: object = None             # the models, for building a SeedState (not serialised)
 
     def final_losses(self) -> dict:
@@ -69,6 +70,7 @@ class Problem:
     """Everything about one subject the losses need, on one device, data normalised to O(1)."""
 
     def __init__(self, subject, config: ReconConfig, device):
+        from .b1 import b1_for
         from .coils import coil_maps_for
         from .subject import derive_tissue_mask
 
@@ -79,8 +81,8 @@ class Problem:
         tissue = subject.tissue_mask if subject.tissue_mask is not None else derive_tissue_mask(subject)
         self.tissue_np = np.asarray(tissue, dtype=bool)
         self.tissue = torch.from_numpy(self.tissue_np).to(device)
-        self.b1 = torch.from_numpy(np.asarray(subject.b1 if subject.b1 is not None else np.ones(subject.shape),
-                                              dtype=np.float32)).to(device)
+        b1, self.b1_source = b1_for(subject, coils.cpu().numpy(), self.tissue_np)
+        self.b1 = torch.from_numpy(b1).to(device)
         kspace = torch.from_numpy(np.ascontiguousarray(subject.kspace)).to(device)
         zf = zero_filled_images(kspace, coils)
         # one number makes the data O(1): the 99th percentile of the zero-filled magnitude in tissue
@@ -240,7 +242,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         subject_id=subject.subject_id, method=method, maps=maps, maps_init=maps_init,
         images=(W * prob.data_scale).cpu().numpy().astype(np.complex64), tissue_mask=prob.tissue_np,
         history=history, timings=timings, iterations={"stage1": n1_done, "stage2": n2_done},
-        config_hash=config.hash(), device=str(device), trainable_parameters=trainable,
+        config_hash=config.hash(), device=str(device), trainable_parameters=trainable, b1_source=prob.b1_source,
         state={"inr": inr, "unrolled": unrolled, "config": config},
     )
 
