@@ -7,7 +7,6 @@ header: saved as safetensors (no pickle), and held zero-copy in Ray's object sto
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +119,11 @@ class SeedState:
             raise SeedStateError(f"seed state has {self.meta.get('n_images')} images per subject, this subject {n_images}")
 
 
-def _load_prefixed(module, arrays, prefix, device):
+def _load_prefixed(module, arrays, prefix, device, strict=True):
+    """Load the arrays named `prefix…` into `module` (copied: object-store arrays are read-only)."""
     state = {k[len(prefix):]: torch.from_numpy(np.array(v, copy=True)).to(device)
              for k, v in arrays.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    return state
+    module.load_state_dict(state, strict=strict)
 
 
 def prepare_adapted_models(seed_state, config: ReconConfig, inr, unrolled):
@@ -142,9 +141,7 @@ def prepare_adapted_models(seed_state, config: ReconConfig, inr, unrolled):
     if config.adapt.warm_spatial_hashes:
         _load_prefixed(inr.hash_images, a, "inr.hash_images.", device)
         _load_prefixed(inr.hash_maps, a, "inr.hash_maps.", device)
-    unrolled_state = {k[len(UNROLLED_PREFIX):]: torch.from_numpy(np.array(v, copy=True)).to(device)
-                      for k, v in a.items() if k.startswith(UNROLLED_PREFIX)}
-    unrolled.load_state_dict(unrolled_state)
+    _load_prefixed(unrolled, a, UNROLLED_PREFIX, device)
     add_lora(unrolled.unet, config.adapt.lora_rank, config.adapt.lora_beta)
     unrolled.to(device)
     unrolled.log_step.requires_grad_(config.adapt.train_step_sizes)

@@ -16,17 +16,12 @@ B1_RANGE = (0.5, 1.5)
 
 def calibration_images(kspace: np.ndarray, mask: np.ndarray, coil_sens: np.ndarray) -> np.ndarray:
     """Coil-combined low-resolution complex images (T, Z, Y, X) from the common calibration box."""
-    from .coils import calibration_region
+    from .coils import calibration_window
 
     T, C, Z, Y, X = kspace.shape
-    wz, wy = calibration_region(mask)
-    if not (wz and wy):
+    win = calibration_window(mask)
+    if not win.any():
         raise ValueError("no fully sampled k-space centre common to all images: cannot estimate B1+")
-    win = np.zeros((Z, Y), dtype=np.float32)
-    z0, y0 = Z // 2 - wz // 2, Y // 2 - wy // 2
-    hz = np.hanning(wz + 2)[1:-1] if wz > 1 else np.ones(1)
-    hy = np.hanning(wy + 2)[1:-1] if wy > 1 else np.ones(1)
-    win[z0:z0 + wz, y0:y0 + wy] = np.outer(hz, hy)
     images = np.empty((T, Z, Y, X), dtype=np.complex64)
     for t in range(T):
         coil_images = ifft3c_np(kspace[t] * win[None, :, :, None])

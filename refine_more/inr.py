@@ -23,7 +23,6 @@ from torch import nn
 from .config import INRConfig
 from .encoding import HashEncoding, tcnn_available
 
-MAP_NAMES = ("I0", "T1F", "f", "kF")
 
 
 def mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
@@ -99,20 +98,22 @@ class INR(nn.Module):
             self.mlp_maps[-1].bias.copy_(raw)
 
     def _inputs(self, device):
+        """(hash 2 input, hash 1 input, hash 3 input) for the voxel grid, built once per device:
+        coordinates for tcnn, precomputed interpolation matrices for the torch backend."""
         if self._points is None or self._points[0] != device:
             xyz = grid_coordinates(self.shape, device)
             t = ((torch.arange(self.n_images, dtype=torch.float32, device=device) + 0.5) / self.n_images)[:, None]
             use_tcnn = device.type == "cuda" and tcnn_available() and self.config.hash_backend in ("auto", "tcnn")
             if use_tcnn:
-                pts = (xyz, t)
-            else:
-                pts = (self.hash_images.precompute(xyz), self.hash_time.precompute(t))
+                pts = (xyz, t, xyz)
+            else:  # hash 2 and hash 3 may have different layouts: one matrix each
+                pts = (self.hash_images.precompute(xyz), self.hash_time.precompute(t), self.hash_maps.precompute(xyz))
             self._points = (device, pts)
         return self._points[1]
 
     def images(self) -> torch.Tensor:
         """W⁽⁰⁾: complex64 (T, Z, Y, X)."""
-        xyz, t = self._inputs(self.hash_images.params.device)
+        xyz, t, _ = self._inputs(self.hash_images.params.device)
         h_space = self.hash_images(xyz)                     # (N, F2)
         h_time = self.hash_time(t)                          # (T, F1)
         # MLP1's first layer is linear in concat(h1, h2): split it so the (T·N)-row product is a
@@ -126,15 +127,6 @@ class INR(nn.Module):
 
     def map_channels(self) -> torch.Tensor:
         """Q⁽⁰⁾ in normalised channels: (4, Z, Y, X)."""
-        xyz, _ = self._inputs(self.hash_maps.params.device)
-        if not isinstance(xyz, torch.Tensor):
-            xyz = self._maps_points(xyz)
+        _, _, xyz = self._inputs(self.hash_maps.params.device)
         out = self.mlp_maps(self.hash_maps(xyz))            # (N, 4)
         return out.T.reshape((4,) + self.shape)
-
-    def _maps_points(self, _):
-        # hash 2 and hash 3 may have different layouts: precompute hash 3's matrix once
-        if getattr(self, "_points_maps", None) is None or self._points_maps[0] != self.hash_maps.params.device:
-            dev = self.hash_maps.params.device
-            self._points_maps = (dev, self.hash_maps.precompute(grid_coordinates(self.shape, dev)))
-        return self._points_maps[1]

@@ -7,7 +7,7 @@ then enter the (torch) signal model as constants. Defaults and formulas follow
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -13,7 +13,6 @@ estimated one, and the phase keeps improving as stage 2 trains the INR jointly.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ReconConfig
-from .inr import INR, MAP_NAMES, MapScaling
+from .inr import INR, MapScaling
 from .operators import MultiCoilCartesian, zero_filled_images
 from .signal_model import BTSModel
 from .unrolled import UnrolledPGD
@@ -75,13 +74,14 @@ class Problem:
         from .subject import derive_tissue_mask
 
         self.subject = subject
-        coils = torch.from_numpy(np.ascontiguousarray(coil_maps_for(subject))).to(device)
+        coils_np = np.ascontiguousarray(coil_maps_for(subject))
+        coils = torch.from_numpy(coils_np).to(device)
         mask = torch.from_numpy(np.asarray(subject.mask, dtype=bool)).to(device)
         self.A = MultiCoilCartesian(coils, mask)
         tissue = subject.tissue_mask if subject.tissue_mask is not None else derive_tissue_mask(subject)
         self.tissue_np = np.asarray(tissue, dtype=bool)
         self.tissue = torch.from_numpy(self.tissue_np).to(device)
-        b1, self.b1_source = b1_for(subject, coils.cpu().numpy(), self.tissue_np)
+        b1, self.b1_source = b1_for(subject, coils_np, self.tissue_np)
         self.b1 = torch.from_numpy(b1).to(device)
         kspace = torch.from_numpy(np.ascontiguousarray(subject.kspace)).to(device)
         zf = zero_filled_images(kspace, coils)

@@ -580,16 +580,10 @@ def lowres_images(kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
     Uses the centred fully sampled phase-encode region common to all images (with a Hann window,
     so no ringing), which is alias-free whatever the undersampling pattern.
     """
-    from .coils import calibration_region
+    from .coils import calibration_window
 
     T, C, Z, Y, X = kspace.shape
-    wz, wy = calibration_region(mask)
-    win = np.zeros((Z, Y), dtype=np.float32)
-    z0, y0 = Z // 2 - wz // 2, Y // 2 - wy // 2
-    if wz and wy:
-        hz = np.hanning(wz + 2)[1:-1] if wz > 1 else np.ones(1)
-        hy = np.hanning(wy + 2)[1:-1] if wy > 1 else np.ones(1)
-        win[z0:z0 + wz, y0:y0 + wy] = np.outer(hz, hy)
+    win = calibration_window(mask)
     out = np.zeros((Z, Y, X), dtype=np.float64)
     axes = (-3, -2, -1)
     for t in range(T):
