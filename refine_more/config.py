@@ -32,6 +32,14 @@ class UnrollConfig:
     unet_levels: int = 4            # number of 2× downsamplings
     step_init: float = 1.0          # multiplies the line-searched initial step (see unrolled.py)
     create_graph: bool = True       # differentiate through the gradient step (exact unrolled backprop)
+    # "gauss-newton": each phase steps along H⁻¹∇g with H the per-voxel Gauss–Newton matrix of the
+    # data consistency (recon.Problem.gauss_newton_direction); "none": the paper's plain ∇g (eq. 8).
+    # The maps' four parameters are badly conditioned against each other: on a 6×32×32 subject
+    # four plain gradient steps move T1F from 22 % to 19 % nRMSE, four Gauss–Newton steps to 6 %.
+    preconditioner: str = "gauss-newton"
+    gn_damping: float = 1e-2        # Levenberg damping, relative to the mean diagonal of H
+    # refine the images' phase (the INR's, held fixed otherwise) by a Gauss–Newton step per phase
+    refine_phase: bool = True
 
 
 @dataclass
