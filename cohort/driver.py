@@ -514,7 +514,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         bar = tqdm(total=n_tasks, desc="cohort", unit="recon", disable=not progress)
 
         def refresh():
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], running=len(pending), refresh=False)
+            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], in_flight=len(pending), refresh=False)  # submitted, not yet finished (queued or running)
             bar.refresh()
 
         refresh()
