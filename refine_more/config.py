@@ -44,6 +44,7 @@ class UnrollConfig:
     gn_damping: float = 1e-2        # Levenberg damping, relative to the mean diagonal of H
     # refine the images' phase (the INR's, held fixed otherwise) by a Gauss–Newton step per phase
     refine_phase: bool = True
+    phase_steps: int = 1            # phase steps before each map step
 
 
 @dataclass

@@ -206,7 +206,9 @@ class MapDataTerm:
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:
             return phase
-        return self.problem.phase_step(q, phase, self.config.gn_damping)
+        for _ in range(self.config.phase_steps):
+            phase = self.problem.phase_step(q, phase, self.config.gn_damping)
+        return phase
 
 
 def _score(maps: dict, reference: dict, tissue: np.ndarray) -> dict:

@@ -141,3 +141,18 @@ def test_unknown_preconditioner_is_rejected():
     cfg.unroll.preconditioner = "newton"
     with pytest.raises(ValueError, match="preconditioner"):
         MapDataTerm(Problem(subject, cfg, torch.device("cpu")), cfg.unroll)
+
+
+def test_nuisance_step_takes_the_configured_phase_steps_or_none():
+    subject = _subject(acceleration=4.0)
+    cfg = preset("tiny")
+    prob = Problem(subject, cfg, torch.device("cpu"))
+    q = _true_channels(prob, subject.reference)
+    phi = torch.zeros(subject.shape)
+    cfg.unroll.phase_steps = 3
+    expected = phi
+    for _ in range(3):
+        expected = prob.phase_step(q, expected, cfg.unroll.gn_damping)
+    assert torch.equal(MapDataTerm(prob, cfg.unroll).nuisance_step(q, phi), expected)
+    cfg.unroll.refine_phase = False
+    assert MapDataTerm(prob, cfg.unroll).nuisance_step(q, phi) is phi
