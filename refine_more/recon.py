@@ -193,6 +193,10 @@ class MapDataTerm:
     def __init__(self, problem: Problem, config):
         if config.preconditioner not in ("gauss-newton", "none"):
             raise ValueError(f"unroll.preconditioner must be 'gauss-newton' or 'none', got {config.preconditioner!r}")
+        if not config.gn_damping > 0:
+            raise ValueError(f"unroll.gn_damping must be > 0 (Levenberg damping), got {config.gn_damping!r}")
+        if config.phase_steps < 0:
+            raise ValueError(f"unroll.phase_steps must be ≥ 0, got {config.phase_steps!r}")
         self.problem, self.config = problem, config
 
     def value(self, q, phase):

@@ -135,12 +135,16 @@ def test_unrolled_descent_gauss_newton_against_plain_gradient():
         assert errors["none"][p] > 0.5 * start_err[p], (errors, start_err)
 
 
-def test_unknown_preconditioner_is_rejected():
+def test_bad_refinement_settings_are_rejected():
     subject = _subject(acceleration=4.0)
     cfg = preset("tiny")
+    prob = Problem(subject, cfg, torch.device("cpu"))
     cfg.unroll.preconditioner = "newton"
     with pytest.raises(ValueError, match="preconditioner"):
-        MapDataTerm(Problem(subject, cfg, torch.device("cpu")), cfg.unroll)
+        MapDataTerm(prob, cfg.unroll)
+    cfg.unroll.preconditioner, cfg.unroll.gn_damping = "gauss-newton", 0.0
+    with pytest.raises(ValueError, match="gn_damping"):
+        MapDataTerm(prob, cfg.unroll)
 
 
 def test_nuisance_step_takes_the_configured_phase_steps_or_none():
