@@ -56,7 +56,7 @@ def main():
     result = reconstruct(subject, config)
     rows["inr-only"] = {"seconds": result.timings["stage1"], **score_maps(result.maps_init, ref, wm_gm)}
     rows["refine-more"] = {"seconds": result.timings["total"], **score_maps(result.maps, ref, wm_gm)}
-    # ablation: the paper's eq. 8 (plain gradient, exact second-order unrolled backprop, the INR's phase)
+    # ablation: the paper's eq. 8 (plain gradient, exact second-order unrolled backprop, the INR's phase unrefined)
     plain = preset(args.preset)
     plain.progress = False
     plain.unroll.preconditioner, plain.unroll.refine_phase, plain.unroll.create_graph = "none", False, True

@@ -170,7 +170,7 @@ class Problem:
         φ₀ decouples from the maps (∂x/∂φ₀ = i·x is orthogonal to ∂x/∂Q = J·e^{iφ}).
         Damped by `damping`·(mean metric in tissue).
         """
-        mag = self.signal(channels.detach())
+        mag = self.signal(channels)
         x = torch.polar(mag, self.image_phase(background))
         r = self.A.adjoint(self.A(x) - self.kspace)
         grad = (2.0 / self.kspace_energy) * (x.conj() * r).imag.sum(0)
@@ -198,12 +198,13 @@ class MapDataTerm:
         if config.phase_steps < 0:
             raise ValueError(f"unroll.phase_steps must be ≥ 0, got {config.phase_steps!r}")
         self.problem, self.config = problem, config
+        self.preconditioned = config.preconditioner != "none"
 
     def value(self, q, phase):
         return self.problem.physics_consistency(q, phase)
 
     def direction(self, q, phase, grad):
-        if self.config.preconditioner == "none":
+        if not self.preconditioned:
             return grad
         return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping)
 

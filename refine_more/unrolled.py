@@ -21,6 +21,8 @@ from .unet import UNet2D
 
 
 class DataTerm(Protocol):
+    preconditioned: bool  # whether `direction` returns a preconditioned (Gauss–Newton) direction
+
     def value(self, q: torch.Tensor, z) -> torch.Tensor:
         """g(q, z), a scalar."""
 
@@ -44,10 +46,6 @@ class UnrolledPGD(nn.Module):
     def steps(self) -> torch.Tensor:
         return self.step_scale[None] * torch.exp(self.log_step)
 
-    @property
-    def preconditioned(self) -> bool:
-        return self.config.preconditioner != "none"
-
     @torch.no_grad()
     def _init_step_scale(self, q, z, direction, weight, term: DataTerm):
         """The first phase's step by a one-time line search (the maps' units and the data's
@@ -55,7 +53,7 @@ class UnrolledPGD(nn.Module):
         (every map moves by the same relative amount) times the best relative length.
         Preconditioned: the direction is already in the maps' units (a Gauss–Newton step), so
         only its length is searched, from the full step down."""
-        if self.preconditioned:
+        if term.preconditioned:
             per_map = torch.ones(q.shape[0], dtype=q.dtype, device=q.device)
             candidates = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
         else:
