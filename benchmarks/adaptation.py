@@ -5,6 +5,7 @@ the seed, in one process. The speedup is the time the adapted run needs to reach
 run's *final* nRMSE, against the from-scratch run's total time (per map: T1F, f, kF).
 
     python benchmarks/adaptation.py [--subjects 4] [--matrix 6 32 32] [--preset small] [--first-seed 1000]
+                                    [--warm-start-steps M] [--out FILE]
 
 Writes benchmarks/results/adaptation.json and adaptation.png.
 """
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--first-seed", type=int, default=1000,
                     help="subject i is simulated with seed first_seed + i (0: the cohort `refine-more demo` simulates)")
     ap.add_argument("--warm", action="store_true", help="warm-start the spatial hashes from the seed")
+    ap.add_argument("--warm-start-steps", type=int, default=0,
+                    help="unroll.warm_start_steps for seed, scratch and adapted runs (0: the preset's unroll)")
     ap.add_argument("--out", default=str(RESULTS / "adaptation.json"))
     args = ap.parse_args()
 
@@ -88,6 +91,7 @@ def main():
     config.progress = False
     config.log_every = 5
     config.adapt.warm_spatial_hashes = args.warm
+    config.unroll.warm_start_steps = args.warm_start_steps
     sim = SimulationConfig(matrix=tuple(args.matrix), n_coils=4)
     templates = load_templates(2)
     subjects = [simulate_subject(f"sub-{i + 1:03d}", sim, seed=args.first_seed + i, templates=templates) for i in range(args.subjects)]

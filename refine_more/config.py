@@ -45,6 +45,9 @@ class UnrollConfig:
     # refine the images' phase (the INR's, held fixed otherwise) by a Gauss–Newton step per phase
     refine_phase: bool = True
     phase_steps: int = 1            # phase steps before each map step
+    # unlearned descent steps on the data term before the K learned phases (unrolled.descend);
+    # 0 is the paper's unroll, which starts the learned phases at the INR's maps
+    warm_start_steps: int = 0
 
 
 @dataclass

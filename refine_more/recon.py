@@ -309,14 +309,26 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
 
     # -- stage 2: INR + unrolled refinement (loss 1 + 2 + 3) -----------------------------------
     t2 = time.perf_counter()
+    warm = config.unroll.warm_start_steps > 0
+    if warm and n2:
+        # The warm start is detached, so loss 3 cannot reach the INR through it: stage 2 trains the
+        # refinement alone on the warm start of the stage-1 INR, computed once (INR frozen).
+        with torch.no_grad():
+            W, c0, loss1, loss2 = inr_losses()
+            start = unrolled.warm_start(c0, term, prob.background_phase(W), prob.tissue)
+        unrolled_ids = {id(p) for p in unrolled.parameters()}
+        params_stage2 = [p for p in params_stage2 if id(p) in unrolled_ids]
+        trainable["stage2"] = sum(p.numel() for p in params_stage2)
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0
     for it2 in range(n2):
         opt.zero_grad(set_to_none=True)
-        W, c0, loss1, loss2 = inr_losses()
-        phase = prob.background_phase(W)
-        outs = unrolled(c0, term, phase, prob.tissue)
+        if warm:
+            outs = unrolled.learned_phases(start[0], term, start[1], prob.tissue)
+        else:
+            W, c0, loss1, loss2 = inr_losses()
+            outs = unrolled(c0, term, prob.background_phase(W), prob.tissue)
         loss3 = sum(term.value(c, z) for c, z in outs)
         total = loss1 + loss2 + loss3
         total.backward()

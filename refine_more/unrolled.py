@@ -8,6 +8,14 @@ no physics (DeepInverse's split of physics and models): it gets a `DataTerm` tha
 optionally preconditions its gradient (P⁻¹: the per-voxel Gauss–Newton metric; identity is the
 paper's eq. 8) and optionally refines a nuisance variable z of g that is not a map (the images'
 background phase) by its own step before each map step. z is not learned and carries no gradient.
+
+Warm start (`UnrollConfig.warm_start_steps`, a departure from the paper): before the K learned
+phases, M plain descent steps on g along the same (preconditioned) direction, with a monotone
+backtracking step length and no learned parameters (`descend`). The per-voxel Gauss–Newton metric
+ignores aliasing, so a safe step is ~0.5 and four steps cannot get far from the INR's maps (~22 %
+nRMSE); 16 steps reach the data term's early-stopped optimum (T1F ~4 %) for ~0.25 s on 6×32×32.
+The learned phases then polish a near-converged estimate instead of learning this subject's path
+to it, which is what made the U-Net subject-specific (README, adaptation).
 """
 from __future__ import annotations
 
@@ -33,9 +41,39 @@ class DataTerm(Protocol):
         """An improved z for fixed q (return z to keep it)."""
 
 
+def descend(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, steps: int, grow: float = 1.5):
+    """`steps` monotone descent steps on g(q, z) from q (no graph; returns detached (q, z)).
+
+    Each step refines z (`term.nuisance_step`), then moves q along `term.direction` (masked by
+    `weight`) by the longest of α = min(1, grow·α_prev), α/2, α/4, … that lowers g (down to 1e-3,
+    below which q stays put). Monotone by construction: g never increases.
+    """
+    q, alpha = q.detach(), 1.0 / grow
+    for _ in range(steps):
+        z = term.nuisance_step(q, z)
+        with torch.enable_grad():
+            q_in = q.requires_grad_()
+            g = term.value(q_in, z)
+            (grad,) = torch.autograd.grad(g, q_in)
+        q = q.detach()
+        g0 = float(g.detach())
+        direction = term.direction(q, z, grad.detach()) * weight
+        alpha = min(1.0, grow * alpha)
+        with torch.no_grad():
+            while alpha >= 1e-3 and float(term.value(q - alpha * direction, z)) >= g0:
+                alpha /= 2
+            if alpha >= 1e-3:
+                q = q - alpha * direction
+            else:
+                alpha = 1e-3
+    return q, z
+
+
 class UnrolledPGD(nn.Module):
     def __init__(self, config: UnrollConfig, channels: int = 4):
         super().__init__()
+        if config.warm_start_steps < 0:
+            raise ValueError(f"unroll.warm_start_steps must be ≥ 0, got {config.warm_start_steps!r}")
         self.config = config
         self.unet = UNet2D(channels, config.unet_width, config.unet_levels)
         # α_k,i = step_scale_i · exp(log_step_k,i); step_scale is set by a line search on the first
@@ -69,15 +107,30 @@ class UnrolledPGD(nn.Module):
                 best, best_rel = value, rel
         self.step_scale.copy_(max(best_rel, 1e-4) * self.config.step_init * per_map)
 
+    def warm_start(self, q0: torch.Tensor, term: DataTerm, z0=None, weight: torch.Tensor | None = None):
+        """(q, z) the learned phases start from: q0 itself, or `warm_start_steps` of `descend`
+        (detached: no gradient reaches q0 through the warm start)."""
+        if not self.config.warm_start_steps:
+            return q0, z0
+        weight = torch.ones_like(q0[0]) if weight is None else weight.to(q0.dtype)
+        return descend(term, q0, z0, weight, self.config.warm_start_steps)
+
     def forward(self, q0: torch.Tensor, term: DataTerm, z0=None,
                 weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
-        """q0 (C, Z, Y, X) map channels → [(q_k, z_k)] after each of the K phases.
+        """q0 (C, Z, Y, X) map channels → [(q_k, z_k)] after each of the K learned phases
+        (`warm_start`, then `phases`).
 
         `weight` (Z, Y, X) restricts where maps are updated (the tissue mask); outside it they
         keep their input values, which the signal model then ignores.
         """
-        weight = torch.ones_like(q0[0]) if weight is None else weight.to(q0.dtype)
-        outputs, q, z = [], q0, z0
+        q, z = self.warm_start(q0, term, z0, weight)
+        return self.learned_phases(q, term, z, weight)
+
+    def learned_phases(self, q: torch.Tensor, term: DataTerm, z=None,
+                       weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
+        """The K learned phases from (q, z), without the warm start."""
+        weight = torch.ones_like(q[0]) if weight is None else weight.to(q.dtype)
+        outputs = []
         for k in range(self.config.phases):
             z = term.nuisance_step(q.detach(), z)
             with torch.enable_grad():

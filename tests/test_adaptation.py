@@ -75,6 +75,10 @@ def test_incompatible_config_fails_clearly(seed_run):
     cfg.unroll.unet_width = 6
     with pytest.raises(SeedStateError, match="unroll"):
         reconstruct(subject, cfg, seed_state=state)
+    warm = preset("tiny")
+    warm.unroll.warm_start_steps = 2  # the U-Net was trained on another input
+    with pytest.raises(SeedStateError, match="unroll"):
+        state.check_compatible(warm)
     state.check_compatible(preset("tiny").replace(iters_stage1=3))  # schedules may differ
 
 

@@ -93,3 +93,28 @@ def test_without_coil_maps_b1_or_tissue_mask(tmp_path):
     result = reconstruct(bare, preset("tiny"))
     assert result.tissue_mask.sum() > 0.5 * subject.reference["labels"].astype(bool).sum()
     assert all(np.isfinite(v).all() for v in result.maps.values())
+
+
+def test_warm_start_trains_only_the_refinement_in_stage_2(subject):
+    """With `unroll.warm_start_steps` the learned phases start from a detached warm start, so
+    stage 2 trains the refinement alone: the INR leaves stage 2 exactly as stage 1 left it, and the
+    final maps are the refinement of that INR's warm start."""
+    import torch
+
+    from refine_more.recon import MapDataTerm, Problem
+
+    cfg = preset("tiny")
+    cfg.unroll.warm_start_steps = 4
+    warm = reconstruct(subject, cfg)
+    stage1_only = reconstruct(subject, cfg.replace(iters_stage2=0))
+    for name, tensor in warm.state["inr"].state_dict().items():
+        assert torch.equal(tensor, stage1_only.state["inr"].state_dict()[name]), name
+    unrolled = warm.state["unrolled"]
+    assert warm.trainable_parameters["stage2"] == sum(p.numel() for p in unrolled.parameters())
+    assert "loss3" in warm.history[-1] and np.isfinite(warm.history[-1]["loss3"])
+    prob = Problem(subject, cfg, torch.device("cpu"))
+    inr = warm.state["inr"]
+    with torch.no_grad():
+        images = inr.images()
+        final = unrolled(inr.map_channels(), MapDataTerm(prob, cfg.unroll), prob.background_phase(images), prob.tissue)[-1][0]
+    np.testing.assert_allclose(prob.physical_maps(final)["T1F"], warm.maps["T1F"], rtol=1e-5, atol=1e-6)
