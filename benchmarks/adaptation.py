@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from refine_more.adaptation import SeedState
-from refine_more.config import preset
+from refine_more.config import apply_overrides, preset
 from refine_more.recon import SCORED, reconstruct
 from refine_more.simulate import SimulationConfig, load_templates, simulate_subject
 
@@ -82,8 +82,10 @@ def main():
     ap.add_argument("--first-seed", type=int, default=1000,
                     help="subject i is simulated with seed first_seed + i (0: the cohort `refine-more demo` simulates)")
     ap.add_argument("--warm", action="store_true", help="warm-start the spatial hashes from the seed")
-    ap.add_argument("--warm-start-steps", type=int, default=0,
-                    help="unroll.warm_start_steps for seed, scratch and adapted runs (0: the preset's unroll)")
+    ap.add_argument("--warm-start-steps", type=int, default=None,
+                    help="unroll.warm_start_steps for seed, scratch and adapted runs (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set k_band=[22,24] --set adapt.lr=3e-3 (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "adaptation.json"))
     args = ap.parse_args()
 
@@ -91,7 +93,9 @@ def main():
     config.progress = False
     config.log_every = 5
     config.adapt.warm_spatial_hashes = args.warm
-    config.unroll.warm_start_steps = args.warm_start_steps
+    if args.warm_start_steps is not None:
+        config.unroll.warm_start_steps = args.warm_start_steps
+    config = apply_overrides(config, args.set)
     sim = SimulationConfig(matrix=tuple(args.matrix), n_coils=4)
     templates = load_templates(2)
     subjects = [simulate_subject(f"sub-{i + 1:03d}", sim, seed=args.first_seed + i, templates=templates) for i in range(args.subjects)]

@@ -142,7 +142,9 @@ def preset(name: str) -> ReconConfig:
         return ReconConfig(
             iters_stage1=400, iters_stage2=200,
             inr=INRConfig(hash_images=_small_hash(), hash_maps=_small_hash()),
-            unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2),
+            # warm start: measured better and faster at this size (README, benchmarks/quality.py);
+            # `paper` keeps the paper's unroll until it is measured at full size on a GPU
+            unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2, warm_start_steps=32),
             adapt=AdaptConfig(lora_rank=4, iters_stage1=100, iters_stage2=100),
         )
     if name == "tiny":
@@ -175,6 +177,31 @@ def load_config(path=None, preset_name: str = "small") -> ReconConfig:
     preset_name = data.pop("preset", preset_name)
     base = preset(preset_name).to_dict()
     return ReconConfig.from_dict(_merge(base, data))
+
+
+def apply_overrides(config: ReconConfig, overrides) -> ReconConfig:
+    """A copy of `config` with dotted `key=value` overrides applied ("unroll.warm_start_steps=32",
+    "k_band=[22, 24]", "adapt.lr=3e-3"); values are JSON (a bare word is a string). Unknown keys
+    and wrong nesting fail like a config file's."""
+    d = config.to_dict()
+    for item in overrides or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a table of the config")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: unknown key {leaf!r} (known: {sorted(node)})")
+        node[leaf] = value
+    return ReconConfig.from_dict(d)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from refine_more.config import ReconConfig, load_config, preset
+from refine_more.config import ReconConfig, apply_overrides, load_config, preset
 from refine_more.recon import reconstruct
 from refine_more.simulate import SimulationConfig, simulate_subject
 
@@ -63,6 +63,17 @@ def test_config_file_overrides_and_hash(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(bad)
     assert preset("paper").unroll.unet_width == 32 and preset("paper").iters_stage1 == 1500
+
+
+def test_command_line_overrides():
+    base = preset("tiny")
+    cfg = apply_overrides(base, ["unroll.warm_start_steps=8", "k_band=[22, 24]", "adapt.lr=3e-3", "device=cpu"])
+    assert cfg.unroll.warm_start_steps == 8 and cfg.k_band == (22.0, 24.0) and cfg.adapt.lr == 3e-3 and cfg.device == "cpu"
+    assert base.unroll.warm_start_steps == 0 and cfg.inr == base.inr  # a copy; the rest unchanged
+    for bad, match in (("unroll.warmstart=3", "unknown key 'warmstart'"), ("lr", "key=value"),
+                       ("iters_stage1.x=1", "not a table")):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(base, [bad])
 
 
 def test_cli_recon_writes_outputs(tmp_path, subject):
