@@ -1,5 +1,5 @@
 """Quality table on one simulated subject: fully sampled fit, zero-filled fit, INR-only, REFINE-MORE
-with the paper's plain gradient steps (eq. 8) and with our Gauss–Newton steps (the default).
+with the paper's plain gradient steps (eq. 8) and with our Gauss–Newton steps.
 Also the optional warm start (unroll.warm_start_steps) and the warm start alone.
 
     python benchmarks/quality.py [--matrix 6 32 32] [--acc 4] [--preset small] [--snr 200]
