@@ -110,7 +110,13 @@ class SeedState:
     def check_compatible(self, config: ReconConfig, n_images: int | None = None):
         mine = _compat_view(ReconConfig.from_dict(self.config))
         theirs = _compat_view(config)
-        diffs = [k for k in mine if mine[k] != theirs[k]]
+        diffs = []
+        for k in mine:
+            if isinstance(mine[k], dict):
+                diffs += [f"{k}.{sub} (seed {mine[k][sub]!r}, here {theirs[k].get(sub)!r})" for sub in mine[k]
+                          if mine[k][sub] != theirs[k].get(sub)]
+            elif mine[k] != theirs[k]:
+                diffs.append(f"{k} (seed {mine[k]!r}, here {theirs[k]!r})")
         if diffs:
             raise SeedStateError(
                 f"seed state (config {self.config_hash}, seed {self.meta.get('seed_subject')}) is incompatible "

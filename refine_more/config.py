@@ -200,8 +200,33 @@ def apply_overrides(config: ReconConfig, overrides) -> ReconConfig:
             node = node[part]
         if leaf not in node:
             raise ValueError(f"override {item!r}: unknown key {leaf!r} (known: {sorted(node)})")
-        node[leaf] = value
+        node[leaf] = _checked_value(item, node[leaf], value)
     return ReconConfig.from_dict(d)
+
+
+def _checked_value(item: str, current, value):
+    """`value` if it has the type of the key's current value (an int is fine for a float; a table
+    is merged into the current one; a list must keep its length), else a ValueError."""
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"override {item!r}: expected a table")
+        return _merge(current, value)
+    if isinstance(current, list):
+        ok = isinstance(value, list) and len(value) == len(current) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    elif isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(current)) and value != ""
+    if not ok:
+        raise ValueError(f"override {item!r}: expected {type(current).__name__}"
+                         + (f" of length {len(current)}" if isinstance(current, list) else "") + f", got {value!r}")
+    return value
 
 
 def _merge(base: dict, over: dict) -> dict:

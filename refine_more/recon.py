@@ -310,15 +310,18 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
     # -- stage 2: INR + unrolled refinement (loss 1 + 2 + 3) -----------------------------------
     t2 = time.perf_counter()
     warm = config.unroll.warm_start_steps > 0
-    if warm and n2:
-        # The warm start is detached, so loss 3 cannot reach the INR through it: stage 2 trains the
-        # refinement alone on the warm start of the stage-1 INR, computed once (INR frozen).
-        with torch.no_grad():
-            W, c0, loss1, loss2 = inr_losses()
-            start = unrolled.warm_start(c0, term, prob.background_phase(W), prob.tissue)
+    start = None
+    if warm:
+        # The warm start is detached, so loss 3 cannot reach the INR through it; stage 2 trains the
+        # refinement alone on the warm start of the stage-1 INR, computed once. The INR stays as
+        # stage 1 left it (loss 1 + 2 alone would only continue stage 1).
         unrolled_ids = {id(p) for p in unrolled.parameters()}
         params_stage2 = [p for p in params_stage2 if id(p) in unrolled_ids]
         trainable["stage2"] = sum(p.numel() for p in params_stage2)
+        if n2:
+            with torch.no_grad():
+                W, c0, loss1, loss2 = inr_losses()
+                start = unrolled.warm_start(c0, term, prob.background_phase(W), prob.tissue)
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0
@@ -333,7 +336,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         total = loss1 + loss2 + loss3
         total.backward()
         opt.step()
-        totals.append(total.item())
+        totals.append(loss3.item() if warm else total.item())  # with a warm start loss 1 + 2 are constants
         log(2, it2, n2, {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}, outs[-1][0], c0)
         bar.update(1)
         bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")
@@ -347,8 +350,12 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
     with torch.no_grad():
         W = inr.images()
         c0 = inr.map_channels()
-        phase = prob.background_phase(W)
-        final = unrolled(c0, term, phase, prob.tissue)[-1][0] if n2_done else c0
+        if not n2_done:
+            final = c0
+        elif start is not None:  # the INR has not changed since the warm start was computed
+            final = unrolled.learned_phases(start[0], term, start[1], prob.tissue)[-1][0]
+        else:
+            final = unrolled(c0, term, prob.background_phase(W), prob.tissue)[-1][0]
     timings["total"] = time.perf_counter() - t_start
     maps = prob.physical_maps(final)
     maps_init = prob.physical_maps(c0)

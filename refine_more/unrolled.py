@@ -19,6 +19,7 @@ to it, which is what made the U-Net subject-specific (README, adaptation).
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -42,25 +43,29 @@ class DataTerm(Protocol):
 
 
 def descend(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, steps: int, grow: float = 1.5):
-    """`steps` monotone descent steps on g(q, z) from q (no graph; returns detached (q, z)).
+    """`steps` monotone descent steps on g(q, z) from q, without a graph; returns (q, z) with q detached
+    (z is whatever `term.nuisance_step` returns; MapDataTerm's carries no graph either).
 
     Each step refines z (`term.nuisance_step`), then moves q along `term.direction` (masked by
     `weight`) by the longest of α = min(1, grow·α_prev), α/2, α/4, … that lowers g (down to 1e-3,
-    below which q stays put). Monotone by construction: g never increases.
+    below which q stays put). A trial whose g is not finite counts as no decrease. g never rises
+    through a map step; the nuisance step must not raise it either (MapDataTerm's phase step is
+    a majorizer step).
     """
     q, alpha = q.detach(), 1.0 / grow
     for _ in range(steps):
         z = term.nuisance_step(q, z)
+        q_in = q.clone().requires_grad_()
         with torch.enable_grad():
-            q_in = q.requires_grad_()
             g = term.value(q_in, z)
             (grad,) = torch.autograd.grad(g, q_in)
-        q = q.detach()
         g0 = float(g.detach())
+        if not math.isfinite(g0):
+            break
         direction = term.direction(q, z, grad.detach()) * weight
         alpha = min(1.0, grow * alpha)
         with torch.no_grad():
-            while alpha >= 1e-3 and float(term.value(q - alpha * direction, z)) >= g0:
+            while alpha >= 1e-3 and not float(term.value(q - alpha * direction, z)) < g0:
                 alpha /= 2
             if alpha >= 1e-3:
                 q = q - alpha * direction
@@ -72,7 +77,7 @@ def descend(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, steps: int
 class UnrolledPGD(nn.Module):
     def __init__(self, config: UnrollConfig, channels: int = 4):
         super().__init__()
-        if config.warm_start_steps < 0:
+        if isinstance(config.warm_start_steps, bool) or not isinstance(config.warm_start_steps, int) or config.warm_start_steps < 0:
             raise ValueError(f"unroll.warm_start_steps must be ≥ 0, got {config.warm_start_steps!r}")
         self.config = config
         self.unet = UNet2D(channels, config.unet_width, config.unet_levels)

@@ -184,15 +184,20 @@ def test_warm_start_descent_is_monotone_and_recovers_the_maps():
     term = MapDataTerm(prob, cfg.unroll)
     q, phi = _smoothly_perturbed(prob, subject)
     error = lambda c: nrmse(prob.physical_maps(c)["T1F"], subject.reference["T1F"], prob.tissue_np)
-    start_error, values = error(q), [float(term.value(q, phi))]
+    start_error = error(q)
     weight = prob.tissue.float()
-    for _ in range(12):
-        q, phi = descend(term, q, phi, weight, steps=1)
-        values.append(float(term.value(q, phi)))
+    # g after k steps of one descent (the step length carries over between steps), k = 0…12
+    values = []
+    for k in range(13):
+        qk, phik = descend(term, q, phi, weight, steps=k)
+        values.append(float(term.value(qk, phik)))
     assert all(b <= a for a, b in zip(values, values[1:])), values
     assert values[-1] < 0.2 * values[0]
-    assert error(q) < 0.3 * start_error, (error(q), start_error)
-    assert descend(term, q, phi, weight, steps=0)[0] is not None
+    assert error(qk) < 0.3 * start_error, (error(qk), start_error)
+    q.requires_grad_()
+    same, _ = descend(term, q, phi, weight, steps=0)
+    assert torch.equal(same, q) and not same.requires_grad and q.requires_grad  # the caller's tensor untouched
+    q = q.detach()
 
     cfg.unroll.warm_start_steps = 5
     unrolled = UnrolledPGD(cfg.unroll)
@@ -205,6 +210,30 @@ def test_warm_start_descent_is_monotone_and_recovers_the_maps():
     with torch.no_grad():
         torch.testing.assert_close(unrolled(q0, term, phi0, prob.tissue)[-1][0],
                                    unrolled.learned_phases(start[0], term, start[1], prob.tissue)[-1][0], rtol=0, atol=0)
-    cfg.unroll.warm_start_steps = -1
-    with pytest.raises(ValueError, match="warm_start_steps"):
-        UnrolledPGD(cfg.unroll)
+    for bad in (-1, 2.5, True):
+        cfg.unroll.warm_start_steps = bad
+        with pytest.raises(ValueError, match="warm_start_steps"):
+            UnrolledPGD(cfg.unroll)
+
+
+class _NaNAwayFromStart:
+    """A toy data term g(q) = |q − 1|² whose value is NaN at any trial point with q > 1.5, so a full
+    step from q = 0 (to 2) must be rejected and a shorter one taken."""
+    preconditioned = True
+
+    def value(self, q, z):
+        return torch.where((q > 1.5).any(), torch.tensor(float("nan")), ((q - 1) ** 2).sum())
+
+    def direction(self, q, z, grad):
+        return grad  # ∇g = 2(q − 1): from 0 the full step overshoots to q = 2
+
+    def nuisance_step(self, q, z):
+        return z
+
+
+def test_descend_rejects_steps_to_non_finite_values():
+    from refine_more.unrolled import descend
+    q0 = torch.zeros(4, 1, 2, 2)
+    q, _ = descend(_NaNAwayFromStart(), q0, None, torch.ones(1, 2, 2), steps=1)
+    assert torch.isfinite(q).all() and float(_NaNAwayFromStart().value(q, None)) < 4.0
+    assert float(q.max()) <= 1.5
