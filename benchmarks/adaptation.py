@@ -5,7 +5,7 @@ the seed, in one process. The speedup is the time the adapted run needs to reach
 run's *final* nRMSE, against the from-scratch run's total time (per map: T1F, f, kF).
 
     python benchmarks/adaptation.py [--subjects 4] [--matrix 6 32 32] [--preset small] [--first-seed 1000]
-                                    [--warm-start-steps M] [--out FILE]
+                                    [--set KEY=VALUE ...] [--out FILE]
 
 Writes benchmarks/results/adaptation.json and adaptation.png.
 """
@@ -82,10 +82,9 @@ def main():
     ap.add_argument("--first-seed", type=int, default=1000,
                     help="subject i is simulated with seed first_seed + i (0: the cohort `refine-more demo` simulates)")
     ap.add_argument("--warm", action="store_true", help="warm-start the spatial hashes from the seed")
-    ap.add_argument("--warm-start-steps", type=int, default=None,
-                    help="unroll.warm_start_steps for seed, scratch and adapted runs (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. --set k_band=[22,24] --set adapt.lr=3e-3 (repeatable)")
+                    help="config override for seed, scratch and adapted runs, e.g. --set unroll.warm_start_steps=0 "
+                         "--set k_band=[22,24] (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "adaptation.json"))
     args = ap.parse_args()
 
@@ -93,8 +92,6 @@ def main():
     config.progress = False
     config.log_every = 5
     config.adapt.warm_spatial_hashes = args.warm
-    if args.warm_start_steps is not None:
-        config.unroll.warm_start_steps = args.warm_start_steps
     config = apply_overrides(config, args.set)
     sim = SimulationConfig(matrix=tuple(args.matrix), n_coils=4)
     templates = load_templates(2)

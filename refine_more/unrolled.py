@@ -123,7 +123,7 @@ class UnrolledPGD(nn.Module):
     def forward(self, q0: torch.Tensor, term: DataTerm, z0=None,
                 weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
         """q0 (C, Z, Y, X) map channels → [(q_k, z_k)] after each of the K learned phases
-        (`warm_start`, then `phases`).
+        (`warm_start`, then `learned_phases`).
 
         `weight` (Z, Y, X) restricts where maps are updated (the tissue mask); outside it they
         keep their input values, which the signal model then ignores.
