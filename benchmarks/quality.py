@@ -1,6 +1,7 @@
 """Quality table on one simulated subject: fully sampled fit, zero-filled fit, INR-only, REFINE-MORE
 with the paper's plain gradient steps (eq. 8) and with our Gauss–Newton steps.
-Also the optional warm start (unroll.warm_start_steps) and the warm start alone.
+Also the optional warm start (unroll.warm_start_steps), the warm start alone, and the refinement
+without its map prior (unroll.map_smoothness = 0 and k in the 20–26 1/s band: `small` before the prior).
 
     python benchmarks/quality.py [--matrix 6 32 32] [--acc 4] [--preset small] [--snr 200]
 
@@ -38,7 +39,7 @@ def warm_start_maps(subject, result) -> dict:
     prob = Problem(subject, config, next(inr.parameters()).device)
     with torch.no_grad():
         images = inr.images()
-        q, _ = unrolled.warm_start(inr.map_channels(), MapDataTerm(prob, config.unroll),
+        q, _ = unrolled.warm_start(prob.scaling.canonical(inr.map_channels()), MapDataTerm(prob, config.unroll),
                                    prob.background_phase(images), prob.tissue)
     return prob.physical_maps(q)
 
@@ -64,7 +65,7 @@ def main():
     for method, kspace in (("full-fit", subject.reference["kspace_full"]), ("zf-fit", subject.kspace)):
         t = time.perf_counter()
         images = zero_filled_images(torch.from_numpy(kspace), coils).numpy()
-        maps = fit_images(images, subject.protocol, subject.b1, subject.tissue_mask)
+        maps = fit_images(images, subject.protocol, subject.b1, subject.tissue_mask, k_band=preset(args.preset).k_band)
         rows[method] = {"seconds": time.perf_counter() - t, **score_maps(maps, ref, wm_gm)}
         maps_by_method[method] = maps
     config = preset(args.preset)
@@ -77,6 +78,7 @@ def main():
     plain.progress = False
     plain.unroll.preconditioner, plain.unroll.refine_phase, plain.unroll.create_graph = "none", False, True
     plain.unroll.warm_start_steps = 0
+    plain.unroll.map_smoothness = (0.0, 0.0, 0.0, 0.0)
     plain_result = reconstruct(subject, plain)
     rows["refine-more-plain-gradient"] = {"seconds": plain_result.timings["total"], **score_maps(plain_result.maps, ref, wm_gm)}
     # ablation of the warm start (unroll.warm_start_steps): the preset's setting against the other
@@ -92,6 +94,15 @@ def main():
     descent_maps = warm_start_maps(subject, warm_result)
     rows[f"inr+descent-{warm_result.state['config'].unroll.warm_start_steps}"] = {
         "seconds": warm_result.timings["stage1"] + time.perf_counter() - t, **score_maps(descent_maps, ref, wm_gm)}
+    if any(config.unroll.map_smoothness):
+        # ablation of the map prior: the data term alone, which over-fits when descended long, so
+        # the warm start is the 32 steps that were best without it, and k in the wider band
+        bare = preset(args.preset)
+        bare.progress = False
+        bare.unroll.map_smoothness, bare.k_band = (0.0, 0.0, 0.0, 0.0), (20.0, 26.0)
+        bare.unroll.warm_start_steps = min(bare.unroll.warm_start_steps, 32)
+        bare_result = reconstruct(subject, bare)
+        rows["refine-more-no-map-prior"] = {"seconds": bare_result.timings["total"], **score_maps(bare_result.maps, ref, wm_gm)}
     out = {"matrix": args.matrix, "acceleration": args.acc, "snr": args.snr, "preset": args.preset,
            "config_hash": config.hash(), "mask": "WM+GM", "methods": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ to tcnn directly.
 Maps are produced in *normalised units* (`MapScaling`): the U-Net of the refinement stage and
 the INR both work on O(1) channels, and `MapScaling.to_physical` applies the output constraints
 of §3.3 (|·| for I0 and T1F, a sigmoid for f) and this project's constraint on the exchange
-rate: k = kF / f is held in `k_band` (tanh), so kF = k·f (spec, Identifiability).
+rate: k = kF / f is held in `k_band` (tanh; a band of zero width holds k fixed), so kF = k·f
+(spec, Identifiability).
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ class MapScaling:
     k_band: tuple = (20.0, 26.0)
     T1_bounds: tuple = (0.05, 6.0)
 
+    def __post_init__(self):
+        lo, hi = (float(v) for v in self.k_band)
+        if not (0 < lo <= hi):
+            raise ValueError(f"k_band must be (low, high) with 0 < low ≤ high (equal: k held fixed), got {self.k_band!r}")
+
     def to_physical(self, c: torch.Tensor) -> dict:
         """c (4, *P) → dict of (*P) tensors I0, T1F, f, k, kF."""
         k_mid = 0.5 * (self.k_band[0] + self.k_band[1])
@@ -62,6 +68,13 @@ class MapScaling:
         f = torch.sigmoid(c[2])
         k = k_mid + k_half * torch.tanh(c[3])
         return {"I0": I0, "T1F": T1F, "f": f, "k": k, "kF": k * f}
+
+    @staticmethod
+    def canonical(c: torch.Tensor) -> torch.Tensor:
+        """The same maps with the sign-free channels (I0, T1F enter through |·|) made ≥ 0. The
+        refinement starts here: its smoothness prior acts on the channels, and a voxel whose sign
+        differs from its neighbours' would be held in a false minimum (crossing 0 means I0 = 0)."""
+        return torch.cat([c[:2].abs(), c[2:]], dim=0)
 
     def initial_raw(self) -> torch.Tensor:
         """Channel values of a neutral start: I0 = I0_scale, T1F = 1 s, f ≈ 0.1, k mid-band."""

@@ -112,7 +112,8 @@ class Problem:
         return self.model.magnitude_k(q["I0"], q["T1F"], q["f"], q["k"], self.b1) * self.tissue
 
     def physics_consistency(self, channels: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-        """g(Q, φ₀) = ||A(S(Q)·e^{i(φ₀+φ_BS)}) − d||² / ||d||² (loss 3 for one phase)."""
+        """g(Q, φ₀) = ||A(S(Q)·e^{i(φ₀+φ_BS)}) − d||² / ||d||² (loss 3 for one phase; with a map
+        prior, loss 3 is g + R, `MapDataTerm.value`)."""
         return self.data_consistency(torch.polar(self.signal(channels), self.image_phase(background)))
 
     def image_phase(self, background: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,13 @@ class Problem:
             columns.append((self.signal(up) - self.signal(down)) / (2 * step))
         return torch.stack(columns, dim=-1).to(torch.float32)
 
-    def gauss_newton_direction(self, channels: torch.Tensor, grad: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+    def gauss_newton_matrix(self, channels: torch.Tensor) -> torch.Tensor:
+        """H_r = Σ_t d_t,r J_t,r J_t,rᵀ per voxel, (Z, Y, X, 4, 4) (see `gauss_newton_direction`)."""
+        J = self.signal_jacobian(channels)                                       # (T, Z, Y, X, 4)
+        return torch.einsum("t...i,t...j->...ij", J * self._normal_diag[..., None], J)
+
+    def gauss_newton_direction(self, channels: torch.Tensor, grad: torch.Tensor, damping: float = 1e-2,
+                               extra_diagonal: torch.Tensor | None = None) -> torch.Tensor:
         """H⁻¹∇g with H the per-voxel Gauss–Newton matrix of g (4×4 at each voxel).
 
         g's exact Gauss–Newton matrix couples voxels through AᴴA (aliasing); its diagonal in image
@@ -148,13 +155,16 @@ class Problem:
         H_r = Σ_t d_t,r J_t,r J_t,rᵀ (J = ∂S/∂Q). Levenberg damping (`damping`·trace/4) keeps it
         invertible where a map does not affect the signal (clamped T1F, tanh-saturated k).
         H is a fixed metric (no gradient flows through it); the direction is linear in `grad`.
+        `extra_diagonal` (Z, Y, X, 4) adds another term's curvature (a prior's Hessian diagonal)
+        when `grad` is the gradient of g plus that term.
         """
         with torch.no_grad():
-            J = self.signal_jacobian(channels)                                   # (T, Z, Y, X, 4)
-            H = torch.einsum("t...i,t...j->...ij", J * self._normal_diag[..., None], J)
+            H = self.gauss_newton_matrix(channels)
             trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
             eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
             H = H + (damping * trace / H.shape[-1] + 1e-12 * trace.amax().clamp_min(1e-30))[..., None, None] * eye
+            if extra_diagonal is not None:
+                H = H + torch.diag_embed(extra_diagonal.to(H.dtype))
             H_inv = torch.linalg.inv(H)                                          # (Z, Y, X, 4, 4)
         direction = torch.einsum("...ij,j...->i...", H_inv, grad)
         return direction * self.tissue
@@ -186,11 +196,15 @@ class Problem:
 
 
 class MapDataTerm:
-    """The refinement's data term (unrolled.DataTerm) for one subject: g(Q, φ₀) with the images'
-    background phase φ₀ as the nuisance variable, a Gauss–Newton or plain map direction, and an optional
-    Gauss–Newton step on φ₀ before each map step."""
+    """The refinement's objective (unrolled.DataTerm) for one subject: g(Q, φ₀) plus, when
+    `unroll.map_smoothness` has a nonzero weight, the explicit prior R(Q) (priors.MapSmoothness),
+    with the images' background phase φ₀ as the nuisance variable, a Gauss–Newton (plus the
+    prior's Hessian diagonal) or plain map direction, and an optional Gauss–Newton step on φ₀
+    before each map step."""
 
     def __init__(self, problem: Problem, config):
+        from .priors import MapSmoothness
+
         if config.preconditioner not in ("gauss-newton", "none"):
             raise ValueError(f"unroll.preconditioner must be 'gauss-newton' or 'none', got {config.preconditioner!r}")
         if not config.gn_damping > 0:
@@ -199,14 +213,25 @@ class MapDataTerm:
             raise ValueError(f"unroll.phase_steps must be ≥ 0, got {config.phase_steps!r}")
         self.problem, self.config = problem, config
         self.preconditioned = config.preconditioner != "none"
+        self.prior = None
+        if any(float(r) for r in config.map_smoothness):
+            # weights relative to the data term's curvature at a neutral map (the same for every
+            # start of the descent, so scratch and adapted runs minimise the same objective)
+            neutral = problem.scaling.initial_raw().to(problem.tissue.device).view(-1, 1, 1, 1).expand(-1, *problem.tissue.shape)
+            curvature = problem.gauss_newton_matrix(neutral).diagonal(dim1=-2, dim2=-1)
+            self.prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness)
+        elif len(config.map_smoothness) != 4:
+            raise ValueError(f"unroll.map_smoothness must be 4 weights (I0, T1F, f, k), got {config.map_smoothness!r}")
 
     def value(self, q, phase):
-        return self.problem.physics_consistency(q, phase)
+        g = self.problem.physics_consistency(q, phase)
+        return g if self.prior is None else g + self.prior.value(q)
 
     def direction(self, q, phase, grad):
         if not self.preconditioned:
             return grad
-        return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping)
+        extra = None if self.prior is None else self.prior.hessian_diagonal()
+        return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping, extra)
 
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:
@@ -321,7 +346,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         if n2:
             with torch.no_grad():
                 W, c0, loss1, loss2 = inr_losses()
-                start = unrolled.warm_start(c0, term, prob.background_phase(W), prob.tissue)
+                start = unrolled.warm_start(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0
@@ -331,7 +356,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
             outs = unrolled.learned_phases(start[0], term, start[1], prob.tissue)
         else:
             W, c0, loss1, loss2 = inr_losses()
-            outs = unrolled(c0, term, prob.background_phase(W), prob.tissue)
+            outs = unrolled(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)
         loss3 = sum(term.value(c, z) for c, z in outs)
         total = loss1 + loss2 + loss3
         total.backward()
@@ -355,7 +380,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         elif start is not None:  # the INR has not changed since the warm start was computed
             final = unrolled.learned_phases(start[0], term, start[1], prob.tissue)[-1][0]
         else:
-            final = unrolled(c0, term, prob.background_phase(W), prob.tissue)[-1][0]
+            final = unrolled(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
     timings["total"] = time.perf_counter() - t_start
     maps = prob.physical_maps(final)
     maps_init = prob.physical_maps(c0)

@@ -72,7 +72,7 @@ def test_command_line_overrides():
     assert base.unroll.warm_start_steps == 0 and cfg.inr == base.inr  # a copy; the rest unchanged
     # a table is merged, not replaced
     merged = apply_overrides(preset("small"), ['unroll={"phases": 2}'])
-    assert merged.unroll.phases == 2 and merged.unroll.unet_width == 8 and merged.unroll.warm_start_steps == 32
+    assert merged.unroll.phases == 2 and merged.unroll.unet_width == 8 and merged.unroll.warm_start_steps == preset("small").unroll.warm_start_steps
     for bad, match in (("unroll.warmstart=3", "unknown key 'warmstart'"), ("lr", "key=value"),
                        ("iters_stage1.x=1", "not a table"), ("unroll.warm_start_steps=3.5", "expected int"),
                        ("unroll.warm_start_steps=true", "expected int"), ("k_band=22", "expected list"),
