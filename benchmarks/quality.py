@@ -39,8 +39,8 @@ def warm_start_maps(subject, result) -> dict:
     prob = Problem(subject, config, next(inr.parameters()).device)
     with torch.no_grad():
         images = inr.images()
-        q, _ = unrolled.warm_start(prob.scaling.canonical(inr.map_channels()), MapDataTerm(prob, config.unroll),
-                                   prob.background_phase(images), prob.tissue)
+        term = MapDataTerm(prob, config.unroll)
+        q, _ = unrolled.warm_start(term.start(inr.map_channels()), term, prob.background_phase(images), prob.tissue)
     return prob.physical_maps(q)
 
 

@@ -54,7 +54,7 @@ def _fit(args):
     images = zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy()
     tissue = derive_tissue_mask(subject)
     b1, b1_source = b1_for(subject, coils, tissue)
-    maps = fit_images(images, subject.protocol, b1, tissue)
+    maps = fit_images(images, subject.protocol, b1, tissue, **({"k_band": tuple(args.k_band)} if args.k_band else {}))
     out = write_maps(args.out, {k: maps[k] for k in ("I0", "T1F", "f", "kF")}, tissue, subject_id=subject.subject_id,
                      method=f"{args.method if args.method == 'full' else 'zf'}-fit", config_hash="voxelwise-lm",
                      voxel_size_mm=subject.voxel_size_mm)
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("file")
     f.add_argument("--method", choices=("zf", "full"), default="zf")
     f.add_argument("--out", required=True)
+    f.add_argument("--k-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="bounds of k = kF/f in 1/s (default 20 26; 23 23 holds k fixed, as the `small` preset does)")
     f.set_defaults(func=_fit)
 
     r = sub.add_parser("recon", help="REFINE-MORE from scratch for one subject")

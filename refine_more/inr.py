@@ -55,8 +55,7 @@ class MapScaling:
     T1_bounds: tuple = (0.05, 6.0)
 
     def __post_init__(self):
-        lo, hi = (float(v) for v in self.k_band)
-        if not (0 < lo <= hi):
+        if len(self.k_band) != 2 or not (0 < float(self.k_band[0]) <= float(self.k_band[1])):
             raise ValueError(f"k_band must be (low, high) with 0 < low ≤ high (equal: k held fixed), got {self.k_band!r}")
 
     def to_physical(self, c: torch.Tensor) -> dict:

@@ -7,7 +7,10 @@ stopped, and the adapted runs, which start from a worse INR, ended worse. With a
 smoothness prior the objective has a minimum the descent converges to from either start.
 
 `MapSmoothness`: R(Q) = Σ_c λ_c Σ_{i~j} (q_c,i − q_c,j)² over pairs of face-neighbouring tissue
-voxels, on the normalised map channels (recon.MapScaling). The weights are given relative to the
+voxels, on the normalised map channels (inr.MapScaling), which the refinement starts sign-canonical
+(`MapScaling.canonical`; steps may make a channel negative again, where the prior then smooths
+across the sign: harmless once the maps are near their minimum). All axes weigh the same, whatever
+the voxel size (with thick slices the prior smooths across slices as much as in-plane). The weights are given relative to the
 data term's curvature, λ_c = ρ_c · mean over tissue of the Gauss–Newton diagonal H_cc at a neutral
 map, so ρ does not depend on the data's scale, the coils or the sampling.
 """
@@ -49,7 +52,9 @@ class MapSmoothness:
         return total
 
     def hessian_diagonal(self) -> torch.Tensor:
-        """∂²R/∂q_c,i² = 2 λ_c · (number of tissue neighbours of i): (Z, Y, X, C)."""
+        """∂²R/∂q_c,i² = 2 λ_c · (number of tissue neighbours of i): (Z, Y, X, C). The diagonal
+        (Jacobi) part of R's Hessian, not a bound on it (that is up to twice as large for
+        checkerboard patterns): the descent's backtracking takes care of the rest."""
         return 2.0 * self.degree[..., None] * self.weights
 
     @classmethod
@@ -60,4 +65,8 @@ class MapSmoothness:
         if len(rho) != data_curvature.shape[-1] or not all(math.isfinite(r) and r >= 0 for r in rho):
             raise ValueError(f"unroll.map_smoothness must be {data_curvature.shape[-1]} finite weights ≥ 0, got {rho!r}")
         scale = data_curvature[tissue.bool()].mean(0)
+        dead = [c for c, r in enumerate(rho) if r > 0 and not float(scale[c]) > 0]
+        if dead:
+            raise ValueError(f"unroll.map_smoothness: channel(s) {dead} have ρ > 0 but the data term does not "
+                             "depend on them (k held fixed by a zero-width k_band?): set their ρ to 0")
         return cls(tissue, torch.tensor(rho, device=scale.device) * scale)

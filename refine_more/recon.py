@@ -223,6 +223,12 @@ class MapDataTerm:
         elif len(config.map_smoothness) != 4:
             raise ValueError(f"unroll.map_smoothness must be 4 weights (I0, T1F, f, k), got {config.map_smoothness!r}")
 
+    def start(self, channels: torch.Tensor) -> torch.Tensor:
+        """The refinement's starting channels: sign-canonical when the prior is on (it acts on the
+        channels, and I0/T1F enter through |·|: voxels of opposite signs would be false minima);
+        unchanged otherwise (the paper's unroll sees the INR's channels as they are)."""
+        return channels if self.prior is None else self.problem.scaling.canonical(channels)
+
     def value(self, q, phase):
         g = self.problem.physics_consistency(q, phase)
         return g if self.prior is None else g + self.prior.value(q)
@@ -346,7 +352,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         if n2:
             with torch.no_grad():
                 W, c0, loss1, loss2 = inr_losses()
-                start = unrolled.warm_start(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)
+                start = unrolled.warm_start(term.start(c0), term, prob.background_phase(W), prob.tissue)
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0
@@ -356,7 +362,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
             outs = unrolled.learned_phases(start[0], term, start[1], prob.tissue)
         else:
             W, c0, loss1, loss2 = inr_losses()
-            outs = unrolled(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)
+            outs = unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
         loss3 = sum(term.value(c, z) for c, z in outs)
         total = loss1 + loss2 + loss3
         total.backward()
@@ -380,7 +386,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         elif start is not None:  # the INR has not changed since the warm start was computed
             final = unrolled.learned_phases(start[0], term, start[1], prob.tissue)[-1][0]
         else:
-            final = unrolled(prob.scaling.canonical(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
+            final = unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
     timings["total"] = time.perf_counter() - t_start
     maps = prob.physical_maps(final)
     maps_init = prob.physical_maps(c0)

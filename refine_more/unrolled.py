@@ -37,7 +37,7 @@ class DataTerm(Protocol):
     preconditioned: bool  # whether `direction` returns a preconditioned (Gauss–Newton) direction
 
     def value(self, q: torch.Tensor, z) -> torch.Tensor:
-        """g(q, z), a scalar."""
+        """g(q, z), a scalar (the whole objective the refinement minimises: data term plus any prior)."""
 
     def direction(self, q: torch.Tensor, z, grad: torch.Tensor) -> torch.Tensor:
         """P⁻¹ grad (return `grad` for plain gradient steps); P must not depend on the graph."""
@@ -47,7 +47,7 @@ class DataTerm(Protocol):
 
 
 def descend(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, steps: int, grow: float = 1.5):
-    """`steps` monotone descent steps on g(q, z) from q, without a graph; returns (q, z) with q detached
+    """`steps` monotone descent steps on g(q, z) (`term.value`, prior included) from q, without a graph; returns (q, z) with q detached
     (z is whatever `term.nuisance_step` returns; MapDataTerm's carries no graph either).
 
     Each step refines z (`term.nuisance_step`), then moves q along `term.direction` (masked by

@@ -51,6 +51,16 @@ def test_noise_free_recovery(protocol, model):
     assert np.all(r["residual"] < 1e-6 * TISSUES[:, 0])
 
 
+def test_zero_width_k_band_holds_k_and_recovers_the_rest(protocol, model):
+    """k_band = (23, 23) (the `small` preset's k): k stays 23 and, where the truth is 23, T1F, f
+    and I0 are recovered from noise-free data."""
+    truth = TISSUES[[0, 2]]                      # the two tissues with k = 23
+    r = fit_voxels(simulate(model, truth), protocol, k_band=(23.0, 23.0))
+    assert np.all(r["k"] == np.float32(23.0))
+    for name, col in (("T1F", 1), ("f", 2), ("I0", 0)):
+        np.testing.assert_allclose(r[name], truth[:, col], rtol=5e-3, err_msg=name)
+
+
 def test_noise_free_recovery_with_b1(protocol, model):
     b1 = np.array([0.75, 1.2, 0.9])
     S = simulate(model, TISSUES, b1)

@@ -134,3 +134,44 @@ def test_warm_start_trains_only_the_refinement_in_stage_2(subject):
     # the warm start moved the maps away from the INR's (which the refinement then starts from)
     assert not np.allclose(warm.maps["T1F"], warm.maps_init["T1F"])
     np.testing.assert_array_equal(warm.maps_init["T1F"], stage1_only.maps["T1F"])
+
+
+def test_map_prior_runs_end_to_end_from_sign_canonical_channels(subject, monkeypatch):
+    """With `unroll.map_smoothness` on, the refinement starts from sign-canonical channels (I0 and
+    T1F ≥ 0) and the whole reconstruction runs; without it, from the INR's channels as they are."""
+    import torch
+
+    from refine_more.unrolled import UnrolledPGD
+    seen = []
+    original = UnrolledPGD.warm_start
+
+    def spy(self, q0, *args, **kwargs):
+        seen.append(q0.detach().clone())
+        return original(self, q0, *args, **kwargs)
+    monkeypatch.setattr(UnrolledPGD, "warm_start", spy)
+
+    cfg = preset("tiny")
+    cfg.unroll.warm_start_steps = 4
+    cfg.unroll.map_smoothness = (1e-3, 3e-4, 1e-2, 1e-3)
+    result = reconstruct(subject, cfg)
+    assert all(np.isfinite(v).all() for v in result.maps.values())
+    assert seen and all(bool((q[:2] >= 0).all()) for q in seen)
+    assert "loss3" in result.history[-1] and np.isfinite(result.history[-1]["loss3"])
+    seen.clear()
+    cfg.unroll.map_smoothness = (0.0, 0.0, 0.0, 0.0)
+    plain = reconstruct(subject, cfg)
+    with torch.no_grad():
+        assert seen and torch.equal(seen[0], plain.state["inr"].map_channels())
+    # a prior on k when k is held fixed is refused, with the reason
+    cfg.unroll.map_smoothness, cfg.k_band = (0.0, 0.0, 0.0, 1e-3), (23.0, 23.0)
+    with pytest.raises(ValueError, match="k held fixed"):
+        reconstruct(subject, cfg)
+
+
+def test_config_tuple_fields_and_k_band_are_validated():
+    base = preset("small").to_dict()
+    for key, bad in (("k_band", 23), ("k_band", [24, 23]), ("k_band", [1, 2, 3])):
+        with pytest.raises(ValueError, match="k_band"):
+            ReconConfig.from_dict({**base, key: bad})
+    with pytest.raises(ValueError, match="map_smoothness"):
+        ReconConfig.from_dict({**base, "unroll": {**base["unroll"], "map_smoothness": 1e-3}})

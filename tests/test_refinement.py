@@ -64,6 +64,13 @@ def test_gauss_newton_direction_is_the_exact_gauss_newton_step_at_full_sampling(
     got = direction.reshape(-1)[tissue_idx].double()
     assert float((got - expected).norm() / expected.norm()) < 1e-3
     assert float(direction[:, ~prob.tissue].abs().max()) == 0.0
+    # a prior's Hessian diagonal (extra_diagonal, (Z, Y, X, 4)) adds to the same blocks
+    extra = torch.rand(*subject.shape, 4, generator=torch.Generator().manual_seed(1)) * float(H_t.diagonal().mean())
+    with_prior = prob.gauss_newton_direction(q, grad, damping=damping, extra_diagonal=extra)
+    extra_t = extra.permute(3, 0, 1, 2).reshape(-1)[tissue_idx].double()
+    expected = torch.linalg.solve(H_damped + torch.diag(extra_t), grad.reshape(-1)[tissue_idx].double())
+    got = with_prior.reshape(-1)[tissue_idx].double()
+    assert float((got - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_background_phase_and_phase_step():
