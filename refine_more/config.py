@@ -10,6 +10,12 @@ from pathlib import Path
 from .encoding import HashEncodingConfig
 
 
+def check_k_band(band) -> None:
+    """k_band is (low, high) with 0 < low ≤ high; equal ends hold k fixed."""
+    if not (isinstance(band, (tuple, list)) and len(band) == 2 and 0 < float(band[0]) <= float(band[1])):
+        raise ValueError(f"k_band must be (low, high) with 0 < low ≤ high (equal: k held fixed), got {band!r}")
+
+
 @dataclass
 class INRConfig:
     # hash 1: the image coordinate t (1-D, one value per image); tiny, it is dense at every level
@@ -110,9 +116,7 @@ class ReconConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
     def __post_init__(self):
-        band = self.k_band
-        if not (isinstance(band, (tuple, list)) and len(band) == 2 and 0 < float(band[0]) <= float(band[1])):
-            raise ValueError(f"k_band must be (low, high) with 0 < low ≤ high (equal: k held fixed), got {band!r}")
+        check_k_band(self.k_band)
 
     def replace(self, **changes) -> "ReconConfig":
         return dataclasses.replace(self, **changes)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import INRConfig
+from .config import INRConfig, check_k_band
 from .encoding import HashEncoding, tcnn_available
 
 
@@ -55,8 +55,7 @@ class MapScaling:
     T1_bounds: tuple = (0.05, 6.0)
 
     def __post_init__(self):
-        if len(self.k_band) != 2 or not (0 < float(self.k_band[0]) <= float(self.k_band[1])):
-            raise ValueError(f"k_band must be (low, high) with 0 < low ≤ high (equal: k held fixed), got {self.k_band!r}")
+        check_k_band(self.k_band)
 
     def to_physical(self, c: torch.Tensor) -> dict:
         """c (4, *P) → dict of (*P) tensors I0, T1F, f, k, kF."""

@@ -10,8 +10,8 @@ smoothness prior the objective has a minimum the descent converges to from eithe
 voxels, on the normalised map channels (inr.MapScaling), which the refinement starts sign-canonical
 (`MapScaling.canonical`; steps may make a channel negative again, where the prior then smooths
 across the sign: harmless once the maps are near their minimum). All axes weigh the same, whatever
-the voxel size (with thick slices the prior smooths across slices as much as in-plane). The weights are given relative to the
-data term's curvature, λ_c = ρ_c · mean over tissue of the Gauss–Newton diagonal H_cc at a neutral
+the voxel size (with thick slices the prior smooths across slices as much as in-plane).
+The weights are given relative to the data term's curvature, λ_c = ρ_c · mean over tissue of the Gauss–Newton diagonal H_cc at a neutral
 map, so ρ does not depend on the data's scale, the coils or the sampling.
 """
 from __future__ import annotations
@@ -28,12 +28,11 @@ class MapSmoothness:
         if self.weights.dim() != 1 or not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()):
             raise ValueError(f"map smoothness weights must be finite and ≥ 0, got {weights!r}")
         tissue = tissue.bool()
-        # pairs (i, i + e_d) along each spatial axis with both voxels in tissue
-        self.pairs = [(tissue.narrow(d, 1, n - 1) & tissue.narrow(d, 0, n - 1)).float()
+        # (axis, pairs (i, i + e_axis) with both voxels in tissue) for each spatial axis
+        self.pairs = [(d, (tissue.narrow(d, 1, n - 1) & tissue.narrow(d, 0, n - 1)).float())
                       for d, n in enumerate(tissue.shape) if n > 1]
-        self._axes = [d for d, n in enumerate(tissue.shape) if n > 1]
         degree = torch.zeros(tissue.shape, device=tissue.device)
-        for d, pair in zip(self._axes, self.pairs):
+        for d, pair in self.pairs:
             n = tissue.shape[d]
             degree.narrow(d, 0, n - 1).add_(pair)
             degree.narrow(d, 1, n - 1).add_(pair)
@@ -46,7 +45,7 @@ class MapSmoothness:
     def value(self, q: torch.Tensor) -> torch.Tensor:
         """R(q) for q (C, Z, Y, X)."""
         total = q.new_zeros(())
-        for d, pair in zip(self._axes, self.pairs):
+        for d, pair in self.pairs:
             diff = torch.diff(q, dim=d + 1)
             total = total + (diff.pow(2) * pair).sum(dim=tuple(range(1, q.dim()))).mul(self.weights).sum()
         return total

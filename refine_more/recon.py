@@ -213,15 +213,14 @@ class MapDataTerm:
             raise ValueError(f"unroll.phase_steps must be ≥ 0, got {config.phase_steps!r}")
         self.problem, self.config = problem, config
         self.preconditioned = config.preconditioner != "none"
-        self.prior = None
-        if any(float(r) for r in config.map_smoothness):
-            # weights relative to the data term's curvature at a neutral map (the same for every
-            # start of the descent, so scratch and adapted runs minimise the same objective)
-            neutral = problem.scaling.initial_raw().to(problem.tissue.device).view(-1, 1, 1, 1).expand(-1, *problem.tissue.shape)
-            curvature = problem.gauss_newton_matrix(neutral).diagonal(dim1=-2, dim2=-1)
-            self.prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness)
-        elif len(config.map_smoothness) != 4:
-            raise ValueError(f"unroll.map_smoothness must be 4 weights (I0, T1F, f, k), got {config.map_smoothness!r}")
+        # weights relative to the data term's curvature at a neutral map (the same for every start
+        # of the descent, so scratch and adapted runs minimise the same objective); no prior when
+        # every weight is 0
+        neutral = problem.scaling.initial_raw().to(problem.tissue.device).view(-1, 1, 1, 1).expand(-1, *problem.tissue.shape)
+        curvature = problem.gauss_newton_matrix(neutral).diagonal(dim1=-2, dim2=-1)
+        prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness)
+        self.prior = prior if prior.active else None
+        self._prior_curvature = prior.hessian_diagonal() if prior.active else None  # constant: once
 
     def start(self, channels: torch.Tensor) -> torch.Tensor:
         """The refinement's starting channels: sign-canonical when the prior is on (it acts on the
@@ -236,8 +235,7 @@ class MapDataTerm:
     def direction(self, q, phase, grad):
         if not self.preconditioned:
             return grad
-        extra = None if self.prior is None else self.prior.hessian_diagonal()
-        return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping, extra)
+        return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping, self._prior_curvature)
 
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:
