@@ -1,7 +1,8 @@
 """Quality table on one simulated subject: fully sampled fit, zero-filled fit, INR-only, REFINE-MORE
 with the paper's plain gradient steps (eq. 8) and with our Gauss–Newton steps.
 Also the optional warm start (unroll.warm_start_steps), the warm start alone, and the refinement
-without its map prior (unroll.map_smoothness = 0 and k in the 20–26 1/s band: `small` before the prior).
+without its map prior (unroll.map_smoothness = 0 and k in the 20–26 1/s band: `small` before the prior),
+and with the L-BFGS warm start, the 128-step descent warm start it replaced (and that one's prior weights).
 
     python benchmarks/quality.py [--matrix 6 32 32] [--acc 4] [--preset small] [--snr 200]
 
@@ -32,7 +33,8 @@ PARAMS = ("I0", "T1F", "f", "kF")
 
 
 def warm_start_maps(subject, result) -> dict:
-    """Physical maps of the warm start alone: the result's INR maps after M descent steps."""
+    """Physical maps of the warm start alone: the result's INR maps after the warm start (M
+    descent steps or 16 + M L-BFGS iterations, `unroll.warm_start_solver`)."""
     from refine_more.recon import MapDataTerm, Problem
     config = result.state["config"]
     inr, unrolled = result.state["inr"], result.state["unrolled"]
@@ -92,7 +94,8 @@ def main():
     warm_result = result if config.unroll.warm_start_steps else toggled_result
     t = time.perf_counter()
     descent_maps = warm_start_maps(subject, warm_result)
-    rows[f"inr+descent-{warm_result.state['config'].unroll.warm_start_steps}"] = {
+    warm_config = warm_result.state["config"].unroll
+    rows[f"inr+warm-start-{warm_config.warm_start_solver}-{warm_config.warm_start_steps}"] = {
         "seconds": warm_result.timings["stage1"] + time.perf_counter() - t, **score_maps(descent_maps, ref, wm_gm)}
     if any(config.unroll.map_smoothness):
         # ablation of the map prior: the data term alone, which over-fits when descended long, so
@@ -100,9 +103,19 @@ def main():
         bare = preset(args.preset)
         bare.progress = False
         bare.unroll.map_smoothness, bare.k_band = (0.0, 0.0, 0.0, 0.0), (20.0, 26.0)
-        bare.unroll.warm_start_steps = min(bare.unroll.warm_start_steps, 32)
+        bare.unroll.warm_start_steps, bare.unroll.warm_start_solver = min(bare.unroll.warm_start_steps, 32), "descent"
         bare_result = reconstruct(subject, bare)
         rows["refine-more-no-map-prior"] = {"seconds": bare_result.timings["total"], **score_maps(bare_result.maps, ref, wm_gm)}
+    if config.unroll.warm_start_solver == "lbfgs":
+        # ablation of the solver: `small` before L-BFGS, 128 descent steps with the prior weights
+        # tuned for that early-stopped descent
+        early = preset(args.preset)
+        early.progress = False
+        early.unroll.warm_start_solver, early.unroll.warm_start_steps = "descent", 128
+        early.unroll.map_smoothness = (1e-3, 3e-4, 1e-2, 0.0)
+        early_result = reconstruct(subject, early)
+        rows["refine-more-descent-128-previous-prior"] = {"seconds": early_result.timings["total"],
+                                                          **score_maps(early_result.maps, ref, wm_gm)}
     out = {"matrix": args.matrix, "acceleration": args.acc, "snr": args.snr, "preset": args.preset,
            "config_hash": config.hash(), "mask": "WM+GM", "methods": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -159,15 +159,36 @@ class Problem:
         when `grad` is the gradient of g plus that term.
         """
         with torch.no_grad():
-            H = self.gauss_newton_matrix(channels)
-            trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
-            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            H = H + (damping * trace / H.shape[-1] + 1e-12 * trace.amax().clamp_min(1e-30))[..., None, None] * eye
-            if extra_diagonal is not None:
-                H = H + torch.diag_embed(extra_diagonal.to(H.dtype))
-            H_inv = torch.linalg.inv(H)                                          # (Z, Y, X, 4, 4)
+            H_inv = torch.linalg.inv(self._damped_metric(channels, damping, extra_diagonal))  # (Z, Y, X, 4, 4)
         direction = torch.einsum("...ij,j...->i...", H_inv, grad)
         return direction * self.tissue
+
+    @torch.no_grad()
+    def _damped_metric(self, channels, damping, extra_diagonal=None) -> torch.Tensor:
+        """The damped per-voxel Gauss–Newton matrix of `gauss_newton_direction`, (Z, Y, X, 4, 4)."""
+        H = self.gauss_newton_matrix(channels)
+        trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        H = H + (damping * trace / H.shape[-1] + 1e-12 * trace.amax().clamp_min(1e-30))[..., None, None] * eye
+        if extra_diagonal is not None:
+            H = H + torch.diag_embed(extra_diagonal.to(H.dtype))
+        return H
+
+    @torch.no_grad()
+    def gauss_newton_whitening(self, channels, damping: float = 1e-2, extra_diagonal=None) -> torch.Tensor:
+        """L⁻ᵀ per voxel, (Z, Y, X, 4, 4), for H = LLᵀ the damped matrix of `gauss_newton_direction`:
+        in the coordinates u of q = q_ref + L⁻ᵀu the objective's curvature is ≈ identity, where a
+        quasi-Newton method's unit first step is the Gauss–Newton step."""
+        L = torch.linalg.cholesky(self._damped_metric(channels, damping, extra_diagonal))
+        return torch.linalg.inv(L).transpose(-1, -2).to(torch.float32)
+
+    @torch.no_grad()
+    def phase_metric(self, channels: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+        """The background phase's damped per-voxel curvature bound Σ_c|S_c|²·Σ_t S_t² (+ damping ·
+        its tissue mean), (Z, Y, X): the metric of `phase_step`."""
+        mag = self.signal(channels)
+        metric = self._coil_energy[0] * (mag * mag).sum(0)
+        return metric + damping * metric[self.tissue].mean().clamp_min(1e-30)
 
     @torch.no_grad()
     def phase_step(self, channels: torch.Tensor, background: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
@@ -180,13 +201,10 @@ class Problem:
         φ₀ decouples from the maps (∂x/∂φ₀ = i·x is orthogonal to ∂x/∂Q = J·e^{iφ}).
         Damped by `damping`·(mean metric in tissue).
         """
-        mag = self.signal(channels)
-        x = torch.polar(mag, self.image_phase(background))
+        x = torch.polar(self.signal(channels), self.image_phase(background))
         r = self.A.adjoint(self.A(x) - self.kspace)
         grad = (2.0 / self.kspace_energy) * (x.conj() * r).imag.sum(0)
-        metric = self._coil_energy[0] * (mag * mag).sum(0)
-        floor = damping * metric[self.tissue].mean().clamp_min(1e-30)
-        return background - grad / (metric + floor)
+        return background - grad / self.phase_metric(channels, damping)
 
     def physical_maps(self, channels: torch.Tensor) -> dict:
         """Maps in the file's units: I0 back in the units of the k-space (undo `data_scale`)."""
@@ -236,6 +254,19 @@ class MapDataTerm:
         if not self.preconditioned:
             return grad
         return self.problem.gauss_newton_direction(q, grad, self.config.gn_damping, self._prior_curvature)
+
+    def whitening(self, q, phase):
+        """Linear maps (u ↦ δq, v ↦ δφ₀) under which the objective's curvature is ≈ identity at
+        (q, φ₀), for a joint quasi-Newton solve (unrolled.quasi_newton): the Cholesky factor of the
+        per-voxel Gauss–Newton matrix (plus the prior's diagonal) for the maps, the phase step's
+        metric for φ₀ (None: φ₀ stays fixed, `refine_phase` off)."""
+        damping = self.config.gn_damping
+        factor = self.problem.gauss_newton_whitening(q, damping, self._prior_curvature)
+        maps = lambda u: torch.einsum("...ij,j...->i...", factor, u)  # noqa: E731
+        if not self.config.refine_phase:
+            return maps, None
+        scale = self.problem.phase_metric(q, damping).rsqrt()
+        return maps, (lambda v: scale * v)
 
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:
