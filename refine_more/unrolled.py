@@ -101,14 +101,12 @@ def quasi_newton(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, itera
     (from one adapted INR, L-BFGS alone ended 3.6 % higher in the objective).
     """
     q, z = descend(term, q, z, weight, warmup_steps) if warmup_steps else (q.detach(), z)
+    with torch.no_grad():
+        start = float(term.value(q, z))  # each block's start: the previous block's end value
     done = 0
-    while done < iterations:
+    while done < iterations and math.isfinite(start):  # non-finite: nothing to whiten or search from
         n = min(block, iterations - done)
         q_ref, z_ref = q.detach(), (z.detach() if isinstance(z, torch.Tensor) else z)
-        with torch.no_grad():
-            start = float(term.value(q_ref, z_ref))
-        if not math.isfinite(start):  # nothing to whiten or search from
-            break
         maps, nuisance = term.whitening(q_ref, z_ref)
         joint = nuisance is not None and isinstance(z, torch.Tensor)
         u = torch.zeros_like(q, requires_grad=True)
@@ -134,7 +132,7 @@ def quasi_newton(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, itera
             value = float(term.value(q_new, z_new))
         if not (math.isfinite(value) and value <= start):  # never worse than the block's start
             break
-        q, z = q_new.detach(), (z_new.detach() if joint else z_new)
+        q, z, start = q_new.detach(), (z_new.detach() if joint else z_new), value
         done += n
     return q, z
 
