@@ -98,7 +98,7 @@ def test_adapted_run_keeps_frozen_tensors(seed_run):
     unet_state = adapted.state["unrolled"].unet.state_dict()
     for k, v in unet_state.items():
         if "lora_" not in k:
-            assert np.array_equal(v.numpy(), state.arrays["unrolled.unet." + k.replace("base.", "")]), k
+            assert np.array_equal(v.cpu().numpy(), state.arrays["unrolled.unet." + k.replace("base.", "")]), k
     # trainable counts are what the config says: spatial hashes (+ LoRA + step sizes in stage 2)
     inr = adapted.state["inr"]
     spatial = inr.hash_images.params.numel() + inr.hash_maps.params.numel()

@@ -45,3 +45,21 @@ def test_fft_convention_matches_spec_and_sigpy():
     # a constant image has all its energy at the k-space origin n // 2
     k1 = fft3c(torch.ones(1, 5, 6, 7, dtype=torch.complex128)).numpy()
     assert np.unravel_index(np.abs(k1).argmax(), k1.shape) == (0, 2, 3, 3)
+
+
+def test_modulated_operator_equals_the_shifted_one():
+    """For even sizes A folds the centring shifts into signs on the coil maps and the mask; it must
+    give fftshift∘fftn∘ifftshift exactly (complex128), and odd sizes keep the shifts."""
+    from refine_more.operators import centring_modulation
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((6, 24, 24), (4, 10, 6), (2, 6, 10), (5, 6, 8)):
+        T, C = 3, 2
+        coils = torch.randn((C,) + shape, dtype=torch.complex128, generator=gen)
+        mask = torch.rand((T,) + shape[:2], generator=gen) < 0.5
+        A = MultiCoilCartesian(coils, mask)
+        assert (A._coils_mod is None) == (centring_modulation(shape) is None) == any(n % 2 for n in shape)
+        x = torch.randn(A.ishape, dtype=torch.complex128, generator=gen)
+        y = torch.randn(A.oshape, dtype=torch.complex128, generator=gen)
+        m = mask.to(torch.float64)[:, None, :, :, None]
+        torch.testing.assert_close(A(x), fft3c(x[:, None] * coils[None]) * m, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(A.adjoint(y), (ifft3c(y * m) * coils.conj()[None]).sum(1), atol=1e-12, rtol=1e-12)

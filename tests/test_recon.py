@@ -41,9 +41,14 @@ def test_end_to_end_tiny(subject, result):
 
 
 def test_deterministic_with_seed(subject, result):
+    """Bit-identical on the CPU. On a GPU (device "auto" picks it) only to float32 noise: scatter-add
+    in the hash tables' backward and the sparse products reorder their sums from run to run."""
     again = reconstruct(subject, preset("tiny"))
     for name in ("T1F", "f", "kF"):
-        np.testing.assert_array_equal(again.maps[name], result.maps[name])
+        if result.device.startswith("cuda"):
+            np.testing.assert_allclose(again.maps[name], result.maps[name], rtol=1e-3, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(again.maps[name], result.maps[name])
     other = reconstruct(subject, preset("tiny").replace(seed=1))
     assert not np.array_equal(other.maps["T1F"], result.maps["T1F"])
 
@@ -123,8 +128,13 @@ def test_warm_start_trains_only_the_refinement_in_stage_2(subject):
     cfg.unroll.warm_start_steps = 4
     warm = reconstruct(subject, cfg)
     stage1_only = reconstruct(subject, cfg.replace(iters_stage2=0))
-    for name, tensor in warm.state["inr"].state_dict().items():
-        assert torch.equal(tensor, stage1_only.state["inr"].state_dict()[name]), name
+    # two runs compared: only meaningful where runs are bit-reproducible (the CPU). On a GPU the
+    # sums reorder from run to run, and Adam turns that noise into ±lr steps on the hash entries
+    # whose gradients are ~0, so there the trainable count below is the check.
+    if not warm.device.startswith("cuda"):
+        for name, tensor in warm.state["inr"].state_dict().items():
+            assert torch.equal(tensor, stage1_only.state["inr"].state_dict()[name]), name
+        np.testing.assert_array_equal(warm.maps_init["T1F"], stage1_only.maps["T1F"])
     unrolled = warm.state["unrolled"]
     n_refinement = sum(p.numel() for p in unrolled.parameters())
     assert warm.trainable_parameters["stage2"] == n_refinement
@@ -133,7 +143,6 @@ def test_warm_start_trains_only_the_refinement_in_stage_2(subject):
     assert "loss3" in warm.history[-1] and np.isfinite(warm.history[-1]["loss3"])
     # the warm start moved the maps away from the INR's (which the refinement then starts from)
     assert not np.allclose(warm.maps["T1F"], warm.maps_init["T1F"])
-    np.testing.assert_array_equal(warm.maps_init["T1F"], stage1_only.maps["T1F"])
 
 
 def test_map_prior_runs_end_to_end_from_sign_canonical_channels(subject, monkeypatch):
