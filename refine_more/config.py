@@ -100,6 +100,10 @@ class ReconConfig:
     inr: INRConfig = field(default_factory=INRConfig)
     unroll: UnrollConfig = field(default_factory=UnrollConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    # images per chunk in the INR's losses (loss 1 + 2): 0 = all at once. For memory at full size:
+    # MLP1's activations and A's coil images then exist for one chunk at a time (recon.inr_losses_chunked);
+    # the result is the same to float32 rounding, at the cost of one more forward pass of MLP1
+    image_chunk: int = 0
     log_every: int = 10             # record losses every n iterations (and at the last)
     progress: bool = True
 
@@ -115,7 +119,7 @@ class ReconConfig:
     def hash(self) -> str:
         """Stable hash of what changes the result (not progress/logging)."""
         d = self.to_dict()
-        for k in ("progress", "log_every", "device"):
+        for k in ("progress", "log_every", "device", "image_chunk"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 

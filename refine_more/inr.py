@@ -124,9 +124,16 @@ class INR(nn.Module):
 
     def images(self) -> torch.Tensor:
         """W⁽⁰⁾: complex64 (T, Z, Y, X)."""
+        return self.images_from(*self.image_features())
+
+    def image_features(self):
+        """(hash 2 features (N, F2) of the voxels, hash 1 features (T, F1) of the images)."""
         xyz, t, _ = self._inputs(self.hash_images.params.device)
-        h_space = self.hash_images(xyz)                     # (N, F2)
-        h_time = self.hash_time(t)                          # (T, F1)
+        return self.hash_images(xyz), self.hash_time(t)
+
+    def images_from(self, h_space: torch.Tensor, h_time: torch.Tensor) -> torch.Tensor:
+        """MLP1 on every (image, voxel) pair of the given features: complex (len(h_time), Z, Y, X).
+        A slice of h_time gives those images alone (`recon.inr_losses` with `image_chunk`)."""
         # MLP1's first layer is linear in concat(h1, h2): split it so the (T·N)-row product is a
         # broadcast sum instead of a (T·N, F1+F2) matmul
         first, rest = self.mlp_images[0], self.mlp_images[1:]
@@ -134,7 +141,7 @@ class INR(nn.Module):
         a = h_time @ first.weight[:, :n1].T                 # (T, H)
         b = h_space @ first.weight[:, n1:].T + first.bias   # (N, H)
         out = rest(a[:, None, :] + b[None, :, :])           # (T, N, 2)
-        return torch.complex(out[..., 0], out[..., 1]).reshape((self.n_images,) + self.shape)
+        return torch.complex(out[..., 0], out[..., 1]).reshape((h_time.shape[0],) + self.shape)
 
     def map_channels(self) -> torch.Tensor:
         """Q⁽⁰⁾ in normalised channels: (4, Z, Y, X)."""

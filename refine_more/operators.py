@@ -97,6 +97,14 @@ class MultiCoilCartesian:
 
     __call__ = forward
 
+    def images_subset(self, t0: int, t1: int) -> "MultiCoilCartesian":
+        """A for images t0..t1−1 alone (the same coil maps; a view of the mask)."""
+        sub = MultiCoilCartesian.__new__(MultiCoilCartesian)
+        sub.coil_sens, sub.mask, sub.n_images = self.coil_sens, self.mask[t0:t1], t1 - t0
+        sub._coils_mod = self._coils_mod
+        sub._mask_mod = None if self._mask_mod is None else self._mask_mod[t0:t1]
+        return sub
+
     def normal(self, images: torch.Tensor) -> torch.Tensor:
         return self.adjoint(self.forward(images))
 

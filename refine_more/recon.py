@@ -57,12 +57,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV of complex images (T, Z, Y, X): mean |finite difference| over the 3 spatial axes."""
+def total_variation(x: torch.Tensor, n_images: int | None = None) -> torch.Tensor:
+    """Anisotropic TV of complex images (T, Z, Y, X): mean |finite difference| over the 3 spatial axes.
+    With `n_images`, x is a chunk of a stack of that many images, and this is its share of the
+    stack's TV (the differences are within images, so the shares add up to the whole)."""
     tv = 0.0
     for dim in (1, 2, 3):
         if x.shape[dim] > 1:
-            tv = tv + torch.diff(x, dim=dim).abs().mean()
+            d = torch.diff(x, dim=dim).abs()
+            tv = tv + (d.mean() if n_images is None else d.sum() / (d[0].numel() * n_images))
     return tv
 
 
@@ -102,9 +105,15 @@ class Problem:
         self._coil_energy = (2.0 / self.kspace_energy) * (coils.abs() ** 2).sum(0)[None]     # (1, Z, Y, X)
         self._normal_diag = fraction.view(-1, 1, 1, 1) * self._coil_energy
 
-    def data_consistency(self, images: torch.Tensor) -> torch.Tensor:
-        """||A x − d||² / ||d||²."""
-        return (self.A(images) - self.kspace).abs().pow(2).sum() / self.kspace_energy
+    def data_consistency(self, images: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        """||A x − d||² / ||d||². With fewer images than the subject has: images t0, t0 + 1, …, and
+        their share of the whole (the terms of different images add up)."""
+        t1 = t0 + images.shape[0]
+        if t0 == 0 and t1 == self.A.n_images:
+            A, d = self.A, self.kspace
+        else:
+            A, d = self.A.images_subset(t0, t1), self.kspace[t0:t1]
+        return (A(images) - d).abs().pow(2).sum() / self.kspace_energy
 
     def signal(self, channels: torch.Tensor) -> torch.Tensor:
         """S(Q): magnitudes (T, Z, Y, X) of the maps in normalised channels (4, Z, Y, X)."""
@@ -288,6 +297,58 @@ def _plateaued(values, patience, rel) -> bool:
     return min(values[-patience:]) > best_before * (1 - rel)
 
 
+def inr_losses(inr, prob: Problem, tv_weight: float):
+    """(W⁽⁰⁾, Q⁽⁰⁾ channels, loss 1 = data consistency + λ·TV, loss 2 = signal-model fit) of the INR."""
+    W = inr.images()
+    c0 = inr.map_channels()
+    loss1 = prob.data_consistency(W) + tv_weight * total_variation(W)
+    mag = W.abs() * prob.tissue
+    loss2 = (mag - prob.signal(c0)).pow(2).sum() / (mag.pow(2).sum().detach() + 1e-12)
+    return W, c0, loss1, loss2
+
+
+def inr_losses_chunked(inr, prob: Problem, tv_weight: float, chunk: int, backward: bool):
+    """`inr_losses` over `chunk` images at a time, for memory: MLP1's activations (T·N·hidden) and
+    A's coil images (T·C·N) then exist for one chunk at a time; at the paper's size they dominate.
+
+    With `backward`, the gradients of loss 1 + loss 2 are accumulated into the parameters here:
+    each chunk's graph is freed by its own backward. The parts all chunks share (the hash
+    features and the maps' signal S(Q)) are computed once, cut from the graph as leaves, and
+    backpropagated once at the end with what the chunks accumulated in them. Loss 2's normaliser
+    (the energy of all images, a constant in `inr_losses` too) takes one more forward pass of
+    MLP1 without a graph. Returns (W, c0, loss1, loss2) detached, equal to `inr_losses` to
+    float32 rounding."""
+    T = inr.n_images
+    context = torch.enable_grad if backward else torch.no_grad
+    with context():
+        h_space, h_time = inr.image_features()
+        c0 = inr.map_channels()
+        S = prob.signal(c0)
+    shared = [h_space, h_time, S]
+    leaves = [v.detach().requires_grad_(backward and v.requires_grad) for v in shared]
+    hs, ht, Sd = leaves
+    starts = range(0, T, chunk)
+    with torch.no_grad():
+        energy = sum((inr.images_from(hs, ht[t0:t0 + chunk]).abs() * prob.tissue).pow(2).sum() for t0 in starts)
+    W = torch.empty((T,) + tuple(inr.shape), dtype=torch.complex64, device=S.device)
+    loss1 = loss2 = torch.zeros((), device=S.device)
+    for t0 in starts:
+        t1 = min(T, t0 + chunk)
+        with context():
+            Wc = inr.images_from(hs, ht[t0:t1])
+            l1 = prob.data_consistency(Wc, t0) + tv_weight * total_variation(Wc, n_images=T)
+            l2 = (Wc.abs() * prob.tissue - Sd[t0:t1]).pow(2).sum() / (energy + 1e-12)
+            if backward and (l1.requires_grad or l2.requires_grad):
+                (l1 + l2).backward()
+        W[t0:t1] = Wc.detach()
+        loss1, loss2 = loss1 + l1.detach(), loss2 + l2.detach()
+    if backward:
+        pairs = [(v, leaf.grad) for v, leaf in zip(shared, leaves) if v.requires_grad and leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+    return W, c0.detach(), loss1, loss2
+
+
 def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, track_reference: bool = True,
                 progress_desc: str | None = None) -> Result:
     """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4)."""
@@ -339,12 +400,14 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
                               _score(prob.physical_maps(init_channels), reference, prob.tissue_np).items()})
         history.append(entry)
 
-    def inr_losses():
-        W = inr.images()
-        c0 = inr.map_channels()
-        loss1 = prob.data_consistency(W) + config.tv_weight * total_variation(W)
-        mag = W.abs() * prob.tissue
-        loss2 = (mag - prob.signal(c0)).pow(2).sum() / (mag.pow(2).sum().detach() + 1e-12)
+    chunk = config.image_chunk if 0 < config.image_chunk < T else 0
+
+    def losses_and_backward():
+        """Stage 1's losses, gradients accumulated (chunked: inside, as it goes)."""
+        if chunk:
+            return inr_losses_chunked(inr, prob, config.tv_weight, chunk, backward=True)
+        W, c0, loss1, loss2 = inr_losses(inr, prob, config.tv_weight)
+        (loss1 + loss2).backward()
         return W, c0, loss1, loss2
 
     bar = tqdm(total=n1 + n2, desc=progress_desc or subject.subject_id, disable=not config.progress, leave=False)
@@ -354,9 +417,8 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
     it1 = 0
     for it1 in range(n1):
         opt.zero_grad(set_to_none=True)
-        W, c0, loss1, loss2 = inr_losses()
+        W, c0, loss1, loss2 = losses_and_backward()
         total = loss1 + loss2
-        total.backward()
         opt.step()
         totals.append(total.item())
         log(1, it1, n1, {"loss1": loss1, "loss2": loss2, "loss": total}, c0)
@@ -380,7 +442,8 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         trainable["stage2"] = sum(p.numel() for p in params_stage2)
         if n2:
             with torch.no_grad():
-                W, c0, loss1, loss2 = inr_losses()
+                W, c0, loss1, loss2 = (inr_losses_chunked(inr, prob, config.tv_weight, chunk, backward=False)
+                                       if chunk else inr_losses(inr, prob, config.tv_weight))
                 start = unrolled.warm_start(term.start(c0), term, prob.background_phase(W), prob.tissue)
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
@@ -389,12 +452,17 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
         opt.zero_grad(set_to_none=True)
         if warm:
             outs = unrolled.learned_phases(start[0], term, start[1], prob.tissue)
+        elif chunk:  # loss 1 + 2 backpropagated chunk by chunk; loss 3 through fresh maps
+            W, _, loss1, loss2 = inr_losses_chunked(inr, prob, config.tv_weight, chunk, backward=True)
+            c0 = inr.map_channels()
+            outs = unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
         else:
-            W, c0, loss1, loss2 = inr_losses()
+            W, c0, loss1, loss2 = inr_losses(inr, prob, config.tv_weight)
             outs = unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
         loss3 = sum(term.value(c, z) for c, z in outs)
         total = loss1 + loss2 + loss3
-        total.backward()
+        if loss1.requires_grad or loss3.requires_grad:  # with a warm start or chunks loss 1 + 2 are done
+            total.backward()
         opt.step()
         totals.append(loss3.item() if warm else total.item())  # with a warm start loss 1 + 2 are constants
         log(2, it2, n2, {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}, outs[-1][0], c0)

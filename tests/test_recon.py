@@ -184,3 +184,54 @@ def test_config_tuple_fields_and_k_band_are_validated():
             ReconConfig.from_dict({**base, key: bad})
     with pytest.raises(ValueError, match="map_smoothness"):
         ReconConfig.from_dict({**base, "unroll": {**base["unroll"], "map_smoothness": 1e-3}})
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_inr_losses_match_the_whole(subject, chunk):
+    """Loss 1 + 2 over chunks of images (for memory at full size) give the same losses and the same
+    gradients in every INR parameter as over all images at once, also with hash 1 frozen (the
+    adapted mode) and without gradients (the warm start's evaluation)."""
+    import torch
+
+    from refine_more.inr import INR
+    from refine_more.recon import Problem, inr_losses, inr_losses_chunked
+
+    cfg = preset("tiny")
+    prob = Problem(subject, cfg, torch.device("cpu"))
+    inr = INR(subject.n_images, subject.shape, cfg.inr, seed=0)
+    with torch.no_grad():  # away from the initialisation, so every term has a gradient
+        for p in inr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for frozen_time in (False, True):
+        inr.hash_time.params.requires_grad_(not frozen_time)
+        inr.zero_grad(set_to_none=True)
+        W, c0, l1, l2 = inr_losses(inr, prob, cfg.tv_weight)
+        (l1 + l2).backward()
+        whole = {n: p.grad.clone() for n, p in inr.named_parameters() if p.requires_grad}
+        inr.zero_grad(set_to_none=True)
+        Wc, c0c, l1c, l2c = inr_losses_chunked(inr, prob, cfg.tv_weight, chunk, backward=True)
+        torch.testing.assert_close(l1c, l1.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(l2c, l2.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(Wc, W.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c0c, c0.detach(), rtol=0, atol=0)
+        assert set(whole) == {n for n, p in inr.named_parameters() if p.grad is not None}
+        for n, p in inr.named_parameters():
+            if n in whole:
+                torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-7, msg=n)
+        assert inr.hash_time.params.grad is None if frozen_time else True
+        with torch.no_grad():
+            *_, n1, n2 = inr_losses_chunked(inr, prob, cfg.tv_weight, chunk, backward=False)
+        torch.testing.assert_close(n1 + n2, l1c + l2c, rtol=1e-6, atol=0)
+
+
+def test_chunked_reconstruction_end_to_end(subject, result):
+    """`image_chunk` changes memory, not the method: the tiny run ends where the unchunked one does
+    (to the rounding Adam amplifies over 40 iterations), and the config hash ignores it."""
+    cfg = preset("tiny").replace(image_chunk=3)
+    assert cfg.hash() == preset("tiny").hash()
+    chunked = reconstruct(subject, cfg)
+    assert chunked.iterations == result.iterations
+    for name in ("T1F", "f", "kF"):
+        ref = subject.reference[name][result.tissue_mask]
+        err = lambda r: np.sqrt(np.mean((r.maps[name][result.tissue_mask] - ref) ** 2))
+        assert err(chunked) == pytest.approx(err(result), rel=0.02), name
