@@ -327,20 +327,38 @@ class HashEncoding(nn.Module):
         return (self.n_input_dims, tuple(self.layout), self.n_features_per_level)
 
     @torch.no_grad()
-    def precompute(self, x: torch.Tensor) -> FixedPoints:
-        """Build the sparse interpolation matrix for fixed points ``x`` (N, d) in [0, 1]."""
+    def precompute(self, x: torch.Tensor, block_points: int = 1 << 16) -> FixedPoints:
+        """Build the sparse interpolation matrix for fixed points ``x`` (N, d) in [0, 1].
+
+        Built in blocks of `block_points` points (rows of S), so the per-corner index tensors
+        (N·L·2^d int64 several times over) exist for one block at a time: at the paper's size
+        they, not the matrices, set the peak memory of the set-up. Sᵀ is the CSR of S's
+        transpose (a CSC view of S converted), without another sorted copy of the COO."""
         x = self._check_x(x)
-        N, L = x.shape[0], self.n_levels
-        rows, weights = self._indices_weights(x)
-        C = rows.shape[-1]
-        r = torch.arange(N * L, device=x.device).repeat_interleave(C)
-        coo = torch.sparse_coo_tensor(
-            torch.stack([r, rows.reshape(-1)]), weights.reshape(-1).to(torch.float32),
-            (N * L, self.n_rows), check_invariants=False).coalesce()  # sums duplicate entries
+        N, L, R = x.shape[0], self.n_levels, self.n_rows
+        crow, cols, vals, nnz = [torch.zeros(1, dtype=torch.int64, device=x.device)], [], [], 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            S = coo.to_sparse_csr()
-            St = coo.t().coalesce().to_sparse_csr()
+            for p0 in range(0, N, block_points):
+                xb = x[p0:p0 + block_points]
+                n = xb.shape[0]
+                rows, weights = self._indices_weights(xb)
+                r = torch.arange(n * L, device=x.device).repeat_interleave(rows.shape[-1])
+                block = torch.sparse_coo_tensor(
+                    torch.stack([r, rows.reshape(-1)]), weights.reshape(-1).to(torch.float32),
+                    (n * L, R), check_invariants=False).coalesce().to_sparse_csr()  # sums duplicates
+                del rows, weights, r
+                crow.append(block.crow_indices()[1:] + nnz)
+                cols.append(block.col_indices())
+                vals.append(block.values())
+                nnz += block.values().numel()
+            S = torch.sparse_csr_tensor(torch.cat(crow), torch.cat(cols), torch.cat(vals), (N * L, R),
+                                        check_invariants=False)
+            del crow, cols, vals
+            try:
+                St = S.t().to_sparse_csr()
+            except (RuntimeError, NotImplementedError):  # a build without CSC → CSR: the COO route
+                St = S.to_sparse_coo().t().coalesce().to_sparse_csr()
         return FixedPoints(S, St, N, L, self.n_features_per_level, self._signature())
 
     def forward_fixed(self, fp: FixedPoints) -> torch.Tensor:

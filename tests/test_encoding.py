@@ -337,3 +337,24 @@ def test_tcnn_matches_torch_backend():  # pragma: no cover - GPU only
         (ya * g).sum().backward()
         (yb * g).sum().backward()
         torch.testing.assert_close(a.params.grad, b.params.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_precompute_in_blocks_builds_the_same_matrices(d):
+    """Building the interpolation matrix block by block (for memory) gives exactly the one-block
+    S and Sᵀ, and both are the dense definition (sum of corner weights per row and table entry)."""
+    cfg = HashEncodingConfig(n_levels=8, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                             per_level_scale=1.7)
+    enc = HashEncoding(d, cfg, backend="torch")
+    x = torch.rand(3000, d, generator=torch.Generator().manual_seed(4))
+    one, many = enc.precompute(x, block_points=1 << 20), enc.precompute(x, block_points=777)
+    for name in ("S", "St"):
+        a, b = getattr(one, name), getattr(many, name)
+        assert torch.equal(a.crow_indices(), b.crow_indices()) and torch.equal(a.col_indices(), b.col_indices())
+        assert torch.equal(a.values(), b.values())
+    rows, w = enc._indices_weights(x)
+    dense = torch.zeros(3000 * enc.n_levels, enc.n_rows)
+    dense.index_put_((torch.arange(3000 * enc.n_levels).repeat_interleave(rows.shape[-1]), rows.reshape(-1)),
+                     w.reshape(-1), accumulate=True)
+    torch.testing.assert_close(one.S.to_dense(), dense)
+    torch.testing.assert_close(one.St.to_dense(), dense.T)
