@@ -51,12 +51,18 @@ def _fit(args):
         kspace = subject.kspace
     t0 = time.perf_counter()
     coils = coil_maps_for(subject)
-    images = zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy()
+    config_hash = "voxelwise-lm"
+    if args.method == "llr":
+        from .llr import LLR_BLOCK, LLR_ITERS, LLR_LAMBDA, llr_reconstruct
+        images = llr_reconstruct(kspace, coils, subject.mask)[0].numpy()
+        config_hash = f"llr-lam{LLR_LAMBDA:g}-block{'x'.join(map(str, LLR_BLOCK))}-it{LLR_ITERS}+voxelwise-lm"
+    else:
+        images = zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy()
     tissue = derive_tissue_mask(subject)
     b1, b1_source = b1_for(subject, coils, tissue)
     maps = fit_images(images, subject.protocol, b1, tissue, **({"k_band": tuple(args.k_band)} if args.k_band else {}))
     out = write_maps(args.out, {k: maps[k] for k in ("I0", "T1F", "f", "kF")}, tissue, subject_id=subject.subject_id,
-                     method=f"{args.method if args.method == 'full' else 'zf'}-fit", config_hash="voxelwise-lm",
+                     method=f"{args.method}-fit", config_hash=config_hash,
                      voxel_size_mm=subject.voxel_size_mm)
     print(f"{subject.subject_id}: {args.method} fit (B1+ from {b1_source}) in {time.perf_counter() - t0:.1f} s → {out}")
     return 0
@@ -138,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_validate)
 
-    f = sub.add_parser("fit", help="voxel-wise fit of zero-filled or fully sampled images")
+    f = sub.add_parser("fit", help="voxel-wise fit of zero-filled, fully sampled or LLR images")
     f.add_argument("file")
-    f.add_argument("--method", choices=("zf", "full"), default="zf")
+    f.add_argument("--method", choices=("zf", "full", "llr"), default="zf",
+                   help="images to fit: zero-filled, the fully sampled reference, or locally low-rank (refine_more/llr.py)")
     f.add_argument("--out", required=True)
     f.add_argument("--k-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="bounds of k = kF/f in 1/s (default 20 26; 23 23 holds k fixed, as the `small` preset does)")

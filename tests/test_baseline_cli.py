@@ -48,7 +48,7 @@ def test_full_fit_recovers_truth_and_zero_filled_is_worse(cohort_dir, tmp_path):
     labels = subject.reference["labels"]
     wm_gm = (labels == 1) | (labels == 2)
     scores = {}
-    for method in ("full", "zf"):
+    for method in ("full", "zf", "llr"):
         out = tmp_path / method
         assert main(["fit", str(path), "--method", method, "--out", str(out)]) == 0
         maps, attrs = read_maps(out / "maps.h5")
@@ -56,6 +56,9 @@ def test_full_fit_recovers_truth_and_zero_filled_is_worse(cohort_dir, tmp_path):
         scores[method] = {p: nrmse(maps[p], subject.reference[p], wm_gm) for p in ("T1F", "f")}
     assert scores["full"]["T1F"] < 5 and scores["full"]["f"] < 5, scores
     assert scores["zf"]["T1F"] > 2 * scores["full"]["T1F"] and scores["zf"]["f"] > 2 * scores["full"]["f"], scores
+    # the LLR baseline de-aliases: well below zero-filled, above the fully sampled fit
+    for p in ("T1F", "f"):
+        assert scores["full"][p] < scores["llr"][p] < 0.7 * scores["zf"][p], scores
 
 
 def test_simulated_physics_is_consistent(cohort_dir):
