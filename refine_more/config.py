@@ -125,6 +125,8 @@ class ReconConfig:
 
     def __post_init__(self):
         check_k_band(self.k_band)
+        if not (isinstance(self.image_chunk, int) and not isinstance(self.image_chunk, bool) and self.image_chunk >= 0):
+            raise ValueError(f"image_chunk must be an integer ≥ 0 (0: all images at once), got {self.image_chunk!r}")
 
     def replace(self, **changes) -> "ReconConfig":
         return dataclasses.replace(self, **changes)

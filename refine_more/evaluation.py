@@ -82,6 +82,8 @@ def cohort_agreement(per_subject: dict, params=SCORED) -> dict:
     """{method: {param: bland_altman over all subjects' ROI means, plus the points}}."""
     out = {}
     for method, subjects in per_subject.items():
+        if not subjects:  # e.g. adapted with a single subject (the seed): nothing to compare
+            continue
         out[method] = {}
         for p in params:
             est = np.concatenate([s["roi"][p][0] for s in subjects])
@@ -100,7 +102,9 @@ def bland_altman_png(path, agreement: dict, params=SCORED, title: str = ""):
     fig, axes = plt.subplots(len(params), len(methods), figsize=(3.2 * len(methods), 2.8 * len(params)), squeeze=False)
     units = {"T1F": "s", "f": "", "kF": "1/s", "I0": "a.u."}
     for i, p in enumerate(params):
-        lim = max(max(abs(v) for v in agreement[m][p]["diff"]) for m in methods) * 1.15
+        lim = max(max([abs(v) for v in agreement[m][p]["diff"]] + [abs(agreement[m][p]["loa_low"]),
+                                                                      abs(agreement[m][p]["loa_high"])])
+                  for m in methods) * 1.15 or 1.0
         for j, m in enumerate(methods):
             a, ax = agreement[m][p], axes[i, j]
             ax.scatter(a["mean"], a["diff"], s=10, alpha=0.7)

@@ -99,6 +99,8 @@ class MultiCoilCartesian:
 
     def images_subset(self, t0: int, t1: int) -> "MultiCoilCartesian":
         """A for images t0..t1−1 alone (the same coil maps; a view of the mask)."""
+        if not 0 <= t0 < t1 <= self.n_images:
+            raise ValueError(f"images_subset: need 0 ≤ t0 < t1 ≤ {self.n_images}, got ({t0}, {t1})")
         sub = MultiCoilCartesian.__new__(MultiCoilCartesian)
         sub.coil_sens, sub.mask, sub.n_images = self.coil_sens, self.mask[t0:t1], t1 - t0
         sub._coils_mod = self._coils_mod

@@ -39,7 +39,7 @@ class Result:
     images: np.ndarray               # W⁽⁰⁾ complex64 (T, Z, Y, X), in the units of the k-space
     tissue_mask: np.ndarray
     history: list                    # one dict per logged iteration: stage, iteration, seconds, losses, nRMSE
-    timings: dict                    # seconds: setup, stage1, stage2, total
+    timings: dict                    # seconds: setup, stage1, stage2 (of it: warm_start), total
     iterations: dict                 # stage1, stage2 actually run
     config_hash: str
     device: str
@@ -330,7 +330,7 @@ def inr_losses_chunked(inr, prob: Problem, tv_weight: float, chunk: int, backwar
     starts = range(0, T, chunk)
     with torch.no_grad():
         energy = sum((inr.images_from(hs, ht[t0:t0 + chunk]).abs() * prob.tissue).pow(2).sum() for t0 in starts)
-    W = torch.empty((T,) + tuple(inr.shape), dtype=torch.complex64, device=S.device)
+    W = None
     loss1 = loss2 = torch.zeros((), device=S.device)
     for t0 in starts:
         t1 = min(T, t0 + chunk)
@@ -340,6 +340,8 @@ def inr_losses_chunked(inr, prob: Problem, tv_weight: float, chunk: int, backwar
             l2 = (Wc.abs() * prob.tissue - Sd[t0:t1]).pow(2).sum() / (energy + 1e-12)
             if backward and (l1.requires_grad or l2.requires_grad):
                 (l1 + l2).backward()
+        if W is None:
+            W = torch.empty((T,) + tuple(Wc.shape[1:]), dtype=Wc.dtype, device=Wc.device)
         W[t0:t1] = Wc.detach()
         loss1, loss2 = loss1 + l1.detach(), loss2 + l2.detach()
     if backward:
@@ -445,6 +447,7 @@ def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, 
                 W, c0, loss1, loss2 = (inr_losses_chunked(inr, prob, config.tv_weight, chunk, backward=False)
                                        if chunk else inr_losses(inr, prob, config.tv_weight))
                 start = unrolled.warm_start(term.start(c0), term, prob.background_phase(W), prob.tissue)
+    timings["warm_start"] = time.perf_counter() - t2  # inside stage 2's time; 0 without a warm start
     opt = torch.optim.Adam(params_stage2, lr=lr2)
     totals = []
     it2 = 0

@@ -63,3 +63,18 @@ def test_modulated_operator_equals_the_shifted_one():
         m = mask.to(torch.float64)[:, None, :, :, None]
         torch.testing.assert_close(A(x), fft3c(x[:, None] * coils[None]) * m, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(A.adjoint(y), (ifft3c(y * m) * coils.conj()[None]).sum(1), atol=1e-12, rtol=1e-12)
+
+
+def test_images_subset_is_the_operator_of_those_images_and_checks_bounds():
+    import pytest
+    gen = torch.Generator().manual_seed(5)
+    coils = _normalised_coils((4, 12, 10))
+    mask = torch.rand((6, 4, 12), generator=gen) < 0.5
+    A = MultiCoilCartesian(coils, mask)
+    x = torch.randn(A.ishape, dtype=torch.complex64, generator=gen)
+    sub = A.images_subset(2, 5)
+    assert sub.ishape == (3, 4, 12, 10)
+    torch.testing.assert_close(sub(x[2:5]), A(x)[2:5])
+    for bad in ((5, 7), (-1, 2), (3, 3)):
+        with pytest.raises(ValueError, match="images_subset"):
+            A.images_subset(*bad)

@@ -34,7 +34,8 @@ def test_end_to_end_tiny(subject, result):
     stage1 = [h["loss"] for h in losses if h["stage"] == 1]
     assert stage1[-1] < stage1[0]
     assert "loss3" in losses[-1] and "nrmse_T1F" in losses[-1]
-    assert set(result.timings) == {"setup", "stage1", "stage2", "total"}
+    assert set(result.timings) == {"setup", "stage1", "stage2", "warm_start", "total"}
+    assert 0 <= result.timings["warm_start"] <= result.timings["stage2"]
     # I0 comes back in the units of the k-space (the reference's units), not the normalised ones
     ratio = np.median(result.maps["I0"][result.tissue_mask] / subject.reference["I0"][result.tissue_mask])
     assert 0.5 < ratio < 2.0
@@ -235,3 +236,19 @@ def test_chunked_reconstruction_end_to_end(subject, result):
         ref = subject.reference[name][result.tissue_mask]
         err = lambda r: np.sqrt(np.mean((r.maps[name][result.tissue_mask] - ref) ** 2))
         assert err(chunked) == pytest.approx(err(result), rel=0.02), name
+
+
+def test_total_variation_shares_of_chunks_add_up_to_the_whole():
+    import torch
+
+    from refine_more.recon import total_variation
+    x = torch.randn(7, 3, 5, 6, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    parts = sum(total_variation(x[t0:t0 + 3], n_images=7) for t0 in range(0, 7, 3))
+    torch.testing.assert_close(parts, total_variation(x), rtol=1e-12, atol=0)
+
+
+def test_image_chunk_is_validated():
+    with pytest.raises(ValueError, match="image_chunk"):
+        preset("tiny").replace(image_chunk=-1)
+    with pytest.raises(ValueError, match="image_chunk"):
+        apply_overrides(preset("tiny"), ["image_chunk=1.5"])
