@@ -1,0 +1,94 @@
+"""Faults in a cohort run on a real local Ray: a worker killed (SIGKILL) in the middle of a
+reconstruction is retried and the cohort completes; with no retries left, that subject is recorded
+as failed, the others finish, and nothing half-written is left in the output folder."""
+import glob
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from cohort.driver import DONE, run_cohort, subject_dir
+
+
+def _running_task_pids(name: str) -> list:
+    """PIDs of Ray workers executing task `name` now (Ray sets their process title to ray::<name>)."""
+    pids = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:
+            continue
+        if title == f"ray::{name}":
+            pids.append(int(path.split("/")[2]))
+    return pids
+
+
+def _run_and_kill_one(manifest, out, config, max_retries):
+    """run_cohort in a thread; SIGKILL the first worker seen running a subject task. Returns
+    (report, killed pid)."""
+    result, killed = {}, []
+
+    def target():
+        result["report"] = run_cohort(manifest, out, mode="scratch", config=config, progress=False,
+                                      tracking=False, max_retries=max_retries, log=lambda *a: None)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.time() + 120
+    while thread.is_alive() and not killed and time.time() < deadline:
+        pids = _running_task_pids("subject_task")
+        if pids:
+            time.sleep(0.5)  # well inside the reconstruction, not at its start
+            if pids[0] in _running_task_pids("subject_task"):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+        time.sleep(0.05)
+    thread.join(300)
+    assert not thread.is_alive(), "the cohort run did not finish after a worker was killed"
+    return result["report"], killed
+
+
+@pytest.fixture
+def slow_config(tiny_config):
+    # long enough (seconds) that a running task can be found and killed mid-reconstruction
+    return tiny_config.replace(iters_stage1=600)
+
+
+def _leftovers(out):
+    return [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_killed_worker_is_retried_and_the_cohort_completes(local_ray, sim_cohort, slow_config, tmp_path):
+    out = tmp_path / "out"
+    report, killed = _run_and_kill_one(sim_cohort, out, slow_config, max_retries=1)
+    assert len(killed) == 1, "no running subject task was found to kill"
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all(), df[["subject_id", "status", "error"]]
+    for sid in df.subject_id:
+        assert (subject_dir(out, sid, "scratch") / DONE).exists() and (subject_dir(out, sid, "scratch") / "maps.h5").exists()
+    assert not _leftovers(out)
+
+
+def test_killed_worker_without_retries_fails_only_its_subject(local_ray, sim_cohort, slow_config, tmp_path):
+    out = tmp_path / "out"
+    report, killed = _run_and_kill_one(sim_cohort, out, slow_config, max_retries=0)
+    assert len(killed) == 1, "no running subject task was found to kill"
+    df = pd.read_parquet(out / "results.parquet")
+    failed, ok = df[df.status == "failed"], df[df.status == "ok"]
+    assert len(failed) == 1 and len(ok) == len(df) - 1
+    sid = failed.subject_id.iloc[0]
+    assert "Worker" in failed.error.iloc[0] or "died" in failed.error.iloc[0], failed.error.iloc[0]
+    # the killed subject left no result behind that could pass for a finished one
+    folder = subject_dir(out, sid, "scratch")
+    assert not (folder / DONE).exists() and not (folder / "maps.h5").exists()
+    assert not _leftovers(out)
+    # a rerun redoes only that subject
+    rerun = run_cohort(sim_cohort, out, mode="scratch", config=slow_config, progress=False, tracking=False,
+                       log=lambda *a: None)
+    assert rerun.n_reconstructed == 1
+    df2 = pd.read_parquet(out / "results.parquet")
+    assert (df2.status == "ok").all() and set(df2[~df2.resumed].subject_id) == {sid}
