@@ -181,6 +181,10 @@ def _reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state
     odir = subject_dir(out_dir, sid, mode)
     odir.mkdir(parents=True, exist_ok=True)
     (odir / DONE).unlink(missing_ok=True)          # a redo is not "done" until it finishes
+    # temporaries of an attempt that was killed mid-write (SIGKILL skips atomic_path's clean-up);
+    # one attempt writes a subject folder at a time (Ray retries only after a worker died)
+    for stale in odir.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
 
     result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
                          track_reference=True, progress_desc=f"{sid}/{mode}")

@@ -92,3 +92,46 @@ def test_killed_worker_without_retries_fails_only_its_subject(local_ray, sim_coh
     assert rerun.n_reconstructed == 1
     df2 = pd.read_parquet(out / "results.parquet")
     assert (df2.status == "ok").all() and set(df2[~df2.resumed].subject_id) == {sid}
+
+
+def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, ray_token, sim_cohort, tmp_path):
+    """SIGKILL the driver process (`python -m cohort run`, its own local Ray) once one subject is
+    done: the finished subjects stay valid; a rerun reconstructs only the rest, and clears
+    temporaries a killed write left behind."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("preset: tiny\niters_stage1: 600\n")
+    cmd = [sys.executable, "-m", "cohort", "run", str(sim_cohort), "--out", str(out), "--mode", "scratch",
+           "--config", str(cfg), "--num-cpus", "2", "--no-tracking", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.time() + 180
+        while not list(out.glob(f"*/scratch/{DONE}")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the driver ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)                      # the driver alone: a crash
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)                # then its Ray and workers
+        except ProcessLookupError:
+            pass
+    done_before = {p.parent.parent.name for p in out.glob(f"*/scratch/{DONE}")}
+    assert 1 <= len(done_before) < 4
+    if (out / "results.parquet").exists():   # written as subjects finish: whole, never half
+        assert set(pd.read_parquet(out / "results.parquet").subject_id) <= {f"sub-{i:03d}" for i in range(1, 5)}
+    # a write killed half-way leaves a temporary beside the final name: the rerun must clear it
+    todo = subject_dir(out, next(f"sub-{i:03d}" for i in range(1, 5) if f"sub-{i:03d}" not in done_before), "scratch")
+    todo.mkdir(parents=True, exist_ok=True)
+    (todo / ".maps.killed.tmp.h5").write_bytes(b"half")
+    from refine_more.config import load_config
+    rerun = run_cohort(sim_cohort, out, mode="scratch", config=load_config(cfg), progress=False, tracking=False,
+                       log=lambda *a: None)
+    assert rerun.n_reconstructed == 4 - len(done_before)
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and set(df[df.resumed].subject_id) == done_before
+    assert not _leftovers(out)
