@@ -93,3 +93,35 @@ def test_adapted_run_on_cuda_keeps_frozen_tensors_and_state_moves_to_cpu(subject
     assert adapted.method == "refine-more-adapted" and adapted.device.startswith("cuda")
     for k, v in frozen_tensors(adapted.state["inr"], cfg).items():
         assert np.array_equal(v, state.arrays[k]), k
+
+
+def test_blocked_precompute_and_chunked_losses_on_cuda(subjects):
+    """The memory paths on the GPU: the interpolation matrices built in blocks (Sᵀ through the
+    CSC → CSR conversion) equal the CPU's, and the INR's losses over chunks of images equal the
+    whole (losses and gradients)."""
+    from refine_more.inr import INR
+    from refine_more.recon import Problem, inr_losses, inr_losses_chunked
+
+    cfg = HashEncodingConfig(n_levels=8, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                             per_level_scale=1.7)
+    enc = HashEncoding(3, cfg, backend="torch")
+    x = torch.rand(3000, 3, generator=torch.Generator().manual_seed(4))
+    cpu = enc.precompute(x, block_points=700)
+    gpu = enc.to(CUDA).precompute(x.to(CUDA), block_points=700)
+    for name in ("S", "St"):
+        a, b = getattr(cpu, name), getattr(gpu, name)
+        assert torch.equal(a.crow_indices(), b.crow_indices().cpu()) and torch.equal(a.col_indices(), b.col_indices().cpu())
+        torch.testing.assert_close(b.values().cpu(), a.values(), rtol=1e-6, atol=1e-7)
+
+    subject = subjects[0]
+    tiny = preset("tiny").replace(device="cuda")
+    prob = Problem(subject, tiny, CUDA)
+    inr = INR(subject.n_images, subject.shape, tiny.inr, seed=0).to(CUDA)
+    W, c0, l1, l2 = inr_losses(inr, prob, tiny.tv_weight)
+    (l1 + l2).backward()
+    whole = {n: p.grad.clone() for n, p in inr.named_parameters()}
+    inr.zero_grad(set_to_none=True)
+    _, _, l1c, l2c = inr_losses_chunked(inr, prob, tiny.tv_weight, 3, backward=True)
+    torch.testing.assert_close(l1c + l2c, (l1 + l2).detach(), rtol=1e-5, atol=0)
+    for n, p in inr.named_parameters():
+        torch.testing.assert_close(p.grad, whole[n], rtol=1e-3, atol=1e-6, msg=n)
