@@ -8,7 +8,8 @@ means per subject (WM and GM in the four quadrants of the axial plane) against t
     python benchmarks/evaluation.py [--subjects 4] [--matrix 6 32 32] [--preset small] [--first-seed 1000]
                                     [--acc 4] [--no-adapted] [--set KEY=VALUE ...] [--out FILE]
 
-Writes benchmarks/results/evaluation.json, evaluation_table.md and evaluation_bland_altman.png.
+Writes benchmarks/results/evaluation.json, evaluation_table.md and evaluation_bland_altman.png (for
+--out X.json: X_table.md and X_bland_altman.png beside it).
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def main():
             f"mean ± SD over subjects (adapted: {args.subjects - 1} targets)\n\n{table}\n\nBland–Altman of ROI means "
             f"(up to 8 per subject) against the truth\n\n" + "\n".join(ba_lines) + "\n\nmean seconds per subject: "
             + ", ".join(f"{m} {s:.1f}" for m, s in out["seconds_mean"].items()) + "\n")
-    out_path.with_name("evaluation_table.md").write_text(text)
-    bland_altman_png(out_path.with_name("evaluation_bland_altman.png"), agreement,
+    out_path.with_name(f"{out_path.stem}_table.md").write_text(text)
+    bland_altman_png(out_path.with_name(f"{out_path.stem}_bland_altman.png"), agreement,
                      title=f"Bland–Altman of ROI means, {args.subjects} simulated subjects, AF {args.acc:g}")
     print(text)
 
