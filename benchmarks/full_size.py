@@ -30,45 +30,16 @@ from refine_more.config import apply_overrides, preset
 from refine_more.operators import MultiCoilCartesian
 from refine_more.recon import reconstruct, resolve_device
 from refine_more.simulate import SimulationConfig, simulate_subject
+from timing import time_calls
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def fft_floor(subject, device, repeats: int = 5) -> float:
     """Median seconds of A then Aᴴ (complex64) on all images of `subject`."""
     A = MultiCoilCartesian(torch.from_numpy(subject.coil_sens).to(device), torch.from_numpy(subject.mask).to(device))
     x = torch.randn(A.ishape, dtype=torch.complex64, device=device)
-    A.adjoint(A(x))  # warm-up (cuFFT plans)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        A.adjoint(A(x))
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def profile(subject, config, device, top: int = 30) -> dict:
-    """Stage 1's own peak memory, and the operations that dominate a short run (by device time)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    out = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        reconstruct(subject, config.replace(iters_stage2=0))
-        out["stage1_only_peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    short = config.replace(iters_stage1=3, iters_stage2=2)
-    with torch_profile(activities=activities) as prof:
-        reconstruct(subject, short)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    out["top_operations"] = prof.key_averages().table(sort_by=key, row_limit=top).splitlines()
-    return out
+    return float(np.median(time_calls(lambda: A.adjoint(A(x)), device, repeats)))
 
 
 class RSSSampler:

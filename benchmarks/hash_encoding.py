@@ -15,23 +15,11 @@ from pathlib import Path
 import torch
 
 from refine_more.encoding import HashEncoding, HashEncodingConfig
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from timing import sync, time_calls
 
 
 def _time(fn, device, repeats):
-    fn()  # warm-up
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
+    ts = time_calls(fn, device, repeats)
     return {"median_s": ts[len(ts) // 2], "min_s": ts[0]}
 
 
@@ -47,7 +35,7 @@ def bench(device: torch.device, n_points: int, log2_T: int, repeats: int, backen
 
     t0 = time.perf_counter()
     fp = enc.precompute(x)
-    _sync(device)
+    sync(device)
     t_pre = time.perf_counter() - t0
 
     def fixed():

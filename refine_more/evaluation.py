@@ -34,10 +34,13 @@ def quadrant_rois(labels: np.ndarray) -> dict:
 
 def roi_pairs(maps: dict, reference: dict, labels, params=SCORED) -> dict:
     """{param: (estimated ROI means, reference ROI means)} over `quadrant_rois`."""
-    rois = quadrant_rois(labels)
-    return {p: (np.array([float(np.asarray(maps[p], np.float64)[m].mean()) for m in rois.values()]),
-                np.array([float(np.asarray(reference[p], np.float64)[m].mean()) for m in rois.values()]))
-            for p in params}
+    rois = list(quadrant_rois(labels).values())
+
+    def means(a):
+        a = np.asarray(a, np.float64)
+        return np.array([float(a[m].mean()) for m in rois])
+
+    return {p: (means(maps[p]), means(reference[p])) for p in params}
 
 
 def bland_altman(estimate, reference) -> dict:
