@@ -1,16 +1,18 @@
-"""``refine-more cohort ...`` / ``python -m cohort ...``: the cohort command line.
+"""The cohort's commands: ``refine-more cohort run ...`` (also ``python -m cohort run ...``, the
+``ray job submit`` entrypoint) and ``refine-more demo``.
 
-``refine-more cohort run MANIFEST --out DIR [--mode adapted|scratch|both] ...`` writes
-``DIR/<subject_id>/<mode>/maps.h5`` (+ NIfTI, montage, loss history) and ``DIR/results.parquet``.
-``main(argv)`` returns the exit status: 0 when every subject/mode is ok, 1 when some failed
-(everything else is still written; ``--allow-failures`` makes that 0), 2 for usage or manifest
-errors.
+``cohort run MANIFEST --out DIR [--mode adapted|scratch|both] ...`` writes
+``DIR/<subject_id>/<mode>/maps.h5`` (+ NIfTI, montage, loss history, config.json),
+``DIR/results.parquet`` and ``DIR/summary.json``. It returns the exit status: 0 when every
+subject/mode is ok, 1 when some failed (everything else is still written; ``--allow-failures``
+makes that 0), 2 for usage, config or manifest errors.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import time
+from pathlib import Path
 
 MODE_HELP = ("scratch: every subject from scratch. adapted: the seed (role 'seed', else the first valid "
              "row) from scratch (a 'scratch' row marked is_seed), then every subject, the seed included, "
@@ -18,9 +20,9 @@ MODE_HELP = ("scratch: every subject from scratch. adapted: the seed (role 'seed
              "subject adapted. Default: adapted.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refine-more cohort", description="Reconstruct a cohort on a Ray cluster.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_run(sub) -> None:
+    from refine_more.cli import add_config_arguments
+
     r = sub.add_parser("run", help="reconstruct every subject of a manifest",
                        description="Reconstruct every subject of a manifest (Parquet or CSV) on Ray.")
     r.add_argument("manifest", help="manifest table (Parquet; CSV accepted): subject_id, path[, role]")
@@ -34,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per reconstruction (1, 0.5 packs two per GPU, 0 = CPU). Default 1 when the "
                         "cluster has GPUs, else 0; asking for GPUs on a cluster without any falls back to CPU")
     r.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per reconstruction (default 1)")
-    r.add_argument("--config", default=None, help="TOML/YAML/JSON config overriding the preset")
-    r.add_argument("--preset", default="small", help="config preset: paper, small (default), tiny")
+    add_config_arguments(r)
     r.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else sqlite:///<abs DIR>/mlflow.db)")
     r.add_argument("--experiment", default="refine-more-cohort", help="MLflow experiment name")
@@ -45,13 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries of a task whose worker or node died (default 2); Python errors are never retried")
     r.add_argument("--allow-failures", action="store_true", help="exit 0 even when some subjects failed")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    r.set_defaults(func=_run)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.command != "run":
-        return 2
+def _run(args) -> int:
     from refine_more.config import load_config
 
     from .driver import run_cohort
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
         print("error: --max-retries must be >= 0", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config, preset_name=args.preset)
+        config = load_config(args.config, args.preset, args.set)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -78,6 +76,52 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1 if report.n_failed and not args.allow_failures else 0
+
+
+def _demo(args) -> int:
+    """The main job: simulate a small cohort, run it through the Ray driver in `both` modes."""
+    from refine_more.simulate import SimulationConfig, simulate_cohort
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    manifest = simulate_cohort(out / "data", args.subjects, SimulationConfig(matrix=tuple(args.matrix)), seed=args.seed)
+    argv = ["run", str(manifest), "--out", str(out / "recon"), "--mode", "both", "--preset", args.preset]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    rc = main(argv)
+    print(f"demo: {args.subjects} subjects, matrix {tuple(args.matrix)}, preset {args.preset}: "
+          f"{time.perf_counter() - t0:.0f} s wall; results in {out / 'recon'}")
+    return rc
+
+
+def add_commands(sub) -> None:
+    """``cohort`` (with ``run``) and ``demo``."""
+    from refine_more.config import PRESETS
+
+    c = sub.add_parser("cohort", help="cohort reconstruction on Ray (see `refine-more cohort run -h`)",
+                       description="Reconstruct a cohort on a Ray cluster.")
+    _add_run(c.add_subparsers(dest="cohort_command", required=True))
+    d = sub.add_parser("demo", help="main job: simulate a small cohort and reconstruct it on a local Ray (adapted and scratch)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--subjects", type=int, default=4)
+    d.add_argument("--matrix", type=int, nargs=3, default=[6, 32, 32], metavar=("Z", "Y", "X"))
+    d.add_argument("--preset", default="small", choices=tuple(PRESETS))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-cpus", type=int, default=None)
+    d.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``refine-more cohort`` alone (``python -m cohort``)."""
+    p = argparse.ArgumentParser(prog="refine-more cohort", description="Reconstruct a cohort on a Ray cluster.")
+    _add_run(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def main(argv=None) -> int:
+    """``refine-more cohort ARGS`` with ARGS = ``argv`` (``["run", MANIFEST, ...]``)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return args.func(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,7 +83,7 @@ class SeedState:
     def save(self, path) -> Path:
         from safetensors.numpy import save_file
 
-        from .maps_io import atomic_write
+        from .atomic import atomic_write
         d = self.to_numpy_dict()
         header = bytes(d.pop(_HEADER_KEY)).decode()
         atomic_write(str(path), lambda tmp: save_file(d, tmp, metadata={"header": header}))

@@ -1,13 +1,21 @@
-"""`refine-more` command line (the spec's command-line contract)."""
+"""The method's commands of ``refine-more``: simulate, validate, fit, recon; and the machinery
+that builds the whole command line from modules.
+
+A module that brings commands defines ``add_commands(subparsers)``, which adds its subparsers
+(each with ``set_defaults(func=...)``, ``func(args) -> exit status``), and is named once in the
+application's list (``cohort.console.COMMAND_MODULES``). This module's own ``main`` runs its
+commands alone; the ``refine-more`` console script is :func:`cohort.console.main`.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+DESCRIPTION = "REFINE-MORE: scan-specific qMT (BTS) reconstruction, one subject or a cohort on Ray."
 
 
 def _simulate(args):
@@ -32,15 +40,26 @@ def _validate(args):
     return 1 if bad else 0
 
 
-def _fit(args):
+def _fit_images(args, subject, kspace, coils):
+    """The images the fit sees, and the 'config hash' that names how they were made."""
     import torch
 
+    from .operators import zero_filled_images
+    if args.method == "llr":
+        from .llr import LLR_BLOCK, LLR_ITERS, LLR_LAMBDA, llr_reconstruct
+        images = llr_reconstruct(kspace, coils, subject.mask)[0].numpy()
+        return images, f"llr-lam{LLR_LAMBDA:g}-block{'x'.join(map(str, LLR_BLOCK))}-it{LLR_ITERS}+voxelwise-lm"
+    return zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy(), "voxelwise-lm"
+
+
+def _fit(args):
     from .b1 import b1_for
     from .coils import coil_maps_for
     from .fitting import fit_images
     from .maps_io import write_maps
-    from .operators import zero_filled_images
-    from .subject import derive_tissue_mask, read_subject
+    from .names import MAP_NAMES
+    from .subject import read_subject
+    from .tissue import derive_tissue_mask
 
     subject = read_subject(args.file, load_reference=args.method == "full")
     if args.method == "full":
@@ -51,17 +70,11 @@ def _fit(args):
         kspace = subject.kspace
     t0 = time.perf_counter()
     coils = coil_maps_for(subject)
-    config_hash = "voxelwise-lm"
-    if args.method == "llr":
-        from .llr import LLR_BLOCK, LLR_ITERS, LLR_LAMBDA, llr_reconstruct
-        images = llr_reconstruct(kspace, coils, subject.mask)[0].numpy()
-        config_hash = f"llr-lam{LLR_LAMBDA:g}-block{'x'.join(map(str, LLR_BLOCK))}-it{LLR_ITERS}+voxelwise-lm"
-    else:
-        images = zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy()
+    images, config_hash = _fit_images(args, subject, kspace, coils)
     tissue = derive_tissue_mask(subject)
     b1, b1_source = b1_for(subject, coils, tissue)
     maps = fit_images(images, subject.protocol, b1, tissue, **({"k_band": tuple(args.k_band)} if args.k_band else {}))
-    out = write_maps(args.out, {k: maps[k] for k in ("I0", "T1F", "f", "kF")}, tissue, subject_id=subject.subject_id,
+    out = write_maps(args.out, {k: maps[k] for k in MAP_NAMES}, tissue, subject_id=subject.subject_id,
                      method=f"{args.method}-fit", config_hash=config_hash,
                      voxel_size_mm=subject.voxel_size_mm)
     print(f"{subject.subject_id}: {args.method} fit (B1+ from {b1_source}) in {time.perf_counter() - t0:.1f} s → {out}")
@@ -69,63 +82,54 @@ def _fit(args):
 
 
 def _recon(args):
+    from .atomic import atomic_write_text
     from .config import load_config
     from .maps_io import write_maps
+    from .metrics import score_maps
+    from .names import MAP_NAMES
     from .plots import loss_png, montage_png
     from .recon import reconstruct
     from .subject import read_subject
 
     subject = read_subject(args.file)
-    config = load_config(args.config, args.preset)
-    if args.device:
-        config.device = args.device
+    overrides = list(args.set or []) + ([f"device={args.device}"] if args.device else [])
+    config = load_config(args.config, args.preset, overrides)
     result = reconstruct(subject, config)
     out = Path(args.out)
-    write_maps(out, {k: result.maps[k] for k in ("I0", "T1F", "f", "kF")}, result.tissue_mask,
+    write_maps(out, {k: result.maps[k] for k in MAP_NAMES}, result.tissue_mask,
                subject_id=subject.subject_id, method=result.method, config_hash=result.config_hash,
                voxel_size_mm=subject.voxel_size_mm)
-    ref = {k: subject.reference[k] for k in ("I0", "T1F", "f", "kF") if k in subject.reference} or None
+    atomic_write_text(out / "config.json", json.dumps({"config_hash": config.hash(), "config": config.to_dict()},
+                                                      indent=1))
+    ref = {k: subject.reference[k] for k in MAP_NAMES if k in subject.reference} or None
     montage_png(out / "montage.png", result.maps, ref, title=f"{subject.subject_id} {result.method}")
     loss_png(out / "loss.png", result.history, title=subject.subject_id)
-    from .maps_io import atomic_write
     summary = {"subject_id": subject.subject_id, "method": result.method, "config_hash": result.config_hash,
                "timings_s": result.timings, "iterations": result.iterations, "device": result.device,
                "final_losses": result.final_losses()}
     if ref:
-        from .recon import score_result
-        summary["scores"] = score_result(result, ref)
-    atomic_write(str(out / "history.json"), lambda tmp: Path(tmp).write_text(json.dumps(result.history)))
-    atomic_write(str(out / "summary.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=float)))
+        summary["scores"] = {"refine-more": score_maps(result.maps, ref, result.tissue_mask),
+                             "inr-only": score_maps(result.maps_init, ref, result.tissue_mask)}
+    atomic_write_text(out / "history.json", json.dumps(result.history))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
     print(json.dumps(summary, indent=1, default=float))
     return 0
 
 
-def _demo(args):
-    """The main job: simulate a small cohort, run it through the Ray driver in `both` modes."""
-    from cohort.cli import main as cohort_main
-
-    from .simulate import SimulationConfig, simulate_cohort
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    manifest = simulate_cohort(out / "data", args.subjects, SimulationConfig(matrix=tuple(args.matrix)), seed=args.seed)
-    argv = ["run", str(manifest), "--out", str(out / "recon"), "--mode", "both", "--preset", args.preset]
-    if args.num_cpus:
-        argv += ["--num-cpus", str(args.num_cpus)]
-    rc = cohort_main(argv)
-    print(f"demo: {args.subjects} subjects, matrix {tuple(args.matrix)}, preset {args.preset}: "
-          f"{time.perf_counter() - t0:.0f} s wall; results in {out / 'recon'}")
-    return rc
+def add_config_arguments(p: argparse.ArgumentParser, default_preset: str = "small") -> None:
+    """``--preset``, ``--config FILE`` and repeatable ``--set KEY=VALUE`` (see ``config.load_config``)."""
+    from .config import PRESETS
+    p.add_argument("--preset", default=default_preset, choices=tuple(PRESETS),
+                   help="config preset: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+                   + f" (default {default_preset})")
+    p.add_argument("--config", default=None, help="TOML/YAML/JSON file overriding the preset's keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key after the file (repeatable; JSON values, dotted keys: "
+                        "--set iters_stage1=200 --set unroll.warm_start_steps=32 --set k_band=[22,24])")
 
 
-def _cohort(argv):
-    from cohort.cli import main as cohort_main
-    return cohort_main(argv)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refine-more", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
+    """simulate, validate, fit, recon."""
     s = sub.add_parser("simulate", help="write a synthetic cohort (MNI152 anatomy) and its manifest")
     s.add_argument("--out", required=True)
     s.add_argument("--subjects", type=int, default=4)
@@ -156,29 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recon", help="REFINE-MORE from scratch for one subject")
     r.add_argument("file")
     r.add_argument("--out", required=True)
-    r.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
-    r.add_argument("--config", default=None, help="TOML/YAML overriding the preset")
-    r.add_argument("--device", default=None)
+    add_config_arguments(r)
+    r.add_argument("--device", default=None, help="auto, cpu or cuda (the same as --set device=...)")
     r.set_defaults(func=_recon)
 
-    d = sub.add_parser("demo", help="main job: simulate a small cohort and reconstruct it on a local Ray (adapted and scratch)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--subjects", type=int, default=4)
-    d.add_argument("--matrix", type=int, nargs=3, default=[6, 32, 32], metavar=("Z", "Y", "X"))
-    d.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num-cpus", type=int, default=None)
-    d.set_defaults(func=_demo)
 
-    sub.add_parser("cohort", help="cohort reconstruction on Ray (see `refine-more cohort run -h`)", add_help=False)
+def build_parser(command_modules=(__name__,), prog: str = "refine-more") -> argparse.ArgumentParser:
+    """The parser with the commands of every module in ``command_modules`` (import names)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in command_modules:
+        importlib.import_module(name).add_commands(sub)
     return p
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "cohort":
-        return _cohort(argv[1:])
-    args = build_parser().parse_args(argv)
+def main(argv=None, command_modules=(__name__,)) -> int:
+    """Parse ``argv`` and run the command; bad input files, values or paths exit 1 with one line."""
+    args = build_parser(command_modules).parse_args(list(sys.argv[1:] if argv is None else argv))
     from .subject import SubjectFormatError
     try:
         return args.func(args)

@@ -1,11 +1,19 @@
-"""Reconstruction configuration: dataclasses, presets, TOML/YAML loading and a stable hash."""
+"""Reconstruction configuration: typed dataclasses (a docstring per field), a preset registry,
+one loader for files and ``KEY=VALUE`` overrides, and a stable hash.
+
+Every value that enters a config through :meth:`ReconConfig.from_dict` (files, overrides, the
+dicts Ray tasks receive) is checked against its field's type, ``Literal`` choices included, so
+``iters_stage1 = "100"`` fails at load, naming the key.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .encoding import HashEncodingConfig
 
@@ -21,91 +29,137 @@ class INRConfig:
     # hash 1: the image coordinate t (1-D, one value per image); tiny, it is dense at every level
     hash_time: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
         n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=2, per_level_scale=2.0))
+    """Hash 1: the image coordinate t (1-D, one value per image); tiny, dense at every level."""
     # hash 2: (x, y, z) → features of the weighted images; hash 3: (x, y, z) → features of the maps
     hash_images: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
         n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16, per_level_scale=1.5))
+    """Hash 2: (x, y, z) → features of the weighted images (MLP1's input)."""
     hash_maps: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
         n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16, per_level_scale=1.5))
+    """Hash 3: (x, y, z) → features of the maps (MLP2's input)."""
     mlp_hidden: int = 64
+    """Width of the hidden layers of MLP1 and MLP2."""
     mlp_layers: int = 3
-    hash_backend: str = "auto"
+    """Number of layers of MLP1 and MLP2."""
+    hash_backend: Literal["auto", "torch", "tcnn"] = "auto"
+    """Hash encoding implementation: 'tcnn' (tiny-cuda-nn, CUDA), 'torch', or 'auto' (tcnn when importable on CUDA)."""
 
 
 @dataclass
 class UnrollConfig:
     phases: int = 4
+    """K, the number of learned unrolled iterations of the refinement (paper: 4)."""
     unet_width: int = 32            # channels of the first U-Net layer
+    """Channels of the first layer of the shared residual U-Net."""
     unet_levels: int = 4            # number of 2× downsamplings
+    """Number of 2× downsamplings of the U-Net."""
     step_init: float = 1.0          # multiplies the line-searched initial step (see unrolled.py)
+    """Multiplies the line-searched initial step of each unrolled iteration."""
     # differentiate through the gradient inside each phase (second-order unrolled backprop). Off by
     # default: without a warm start, with Gauss–Newton steps the first-order backprop trained as
     # well or better and stage 2 was 1.45× faster (6×32×32: T1F/f/kF 5.41/5.46/6.39 % in 31.8 s
     # against 5.63/5.75/6.79 % in 46.1 s). From a converged warm start it diverges (`small` is on).
     create_graph: bool = False
+    """Exact (second-order) backprop through each unrolled step; False takes the first-order one (docs/decisions/002)."""
     # "gauss-newton": each phase steps along H⁻¹∇g with H the per-voxel Gauss–Newton matrix of the
     # data consistency (recon.Problem.gauss_newton_direction); "none": the paper's plain ∇g (eq. 8).
     # The maps' four parameters are badly conditioned against each other: on a 6×32×32 subject
     # four plain gradient steps move T1F from 22 % to 19 % nRMSE, four Gauss–Newton steps to 6 %.
-    preconditioner: str = "gauss-newton"
+    preconditioner: Literal["gauss-newton", "none"] = "gauss-newton"
+    """'gauss-newton': steps along H⁻¹∇g (docs/decisions/002); 'none': the paper's plain ∇g (eq. 8)."""
     gn_damping: float = 1e-2        # Levenberg damping, relative to the mean diagonal of H
+    """Levenberg damping of the Gauss–Newton matrix, relative to its mean diagonal."""
     # refine the images' phase (the INR's, held fixed otherwise) by a Gauss–Newton step per phase
     refine_phase: bool = True
+    """Refine the background image phase φ₀ during the refinement (docs/decisions/007)."""
     phase_steps: int = 1            # phase steps before each map step
+    """Background-phase steps before each map step."""
     # unlearned descent steps on the data term before the K learned phases (unrolled.descend);
     # 0 is the paper's unroll, which starts the learned phases at the INR's maps
     warm_start_steps: int = 0
+    """Unlearned descent (or L-BFGS) iterations before the learned ones; 0 is the paper (docs/decisions/003)."""
     # how the warm start minimises: "descent" (`warm_start_steps` monotone Gauss–Newton steps with
     # the phase steps between them, unrolled.descend) or "lbfgs" (16 of those, then
     # `warm_start_steps` L-BFGS iterations jointly over maps and phase, unrolled.quasi_newton)
-    warm_start_solver: str = "descent"
+    warm_start_solver: Literal["descent", "lbfgs"] = "descent"
+    """How the warm start minimises: 'descent' (monotone Gauss–Newton steps) or 'lbfgs' (docs/decisions/005)."""
     # ρ per map (I0, T1F, f, k) of an explicit quadratic smoothness prior added to the refinement's
     # objective (priors.MapSmoothness; weights relative to the data term's curvature), which then
     # starts from sign-canonical channels. All 0 is the paper: the data term alone (over-fitted by
     # a long warm-start descent), the INR's channels as they are.
     map_smoothness: tuple = (0.0, 0.0, 0.0, 0.0)
+    # δ per map channel of that prior: > 0 makes its penalty pseudo-Huber (quadratic below δ,
+    # linear above it: edges between tissues are kept, as with total variation); 0 keeps it quadratic
+    map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
+    """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
 
 
 @dataclass
 class AdaptConfig:
     lora_rank: int = 16             # paper width: 513,664 trainable of 7,760,484 (paper: ~0.5 M of 7.8 M)
+    """Rank of the LoRA factors of the U-Net in an adapted run."""
     lora_beta: float = 1.0          # β of eq. 11 (the update is β·A·B)
+    """β of eq. 11 (the LoRA update is β·A·B)."""
     iters_stage1: int = 500
+    """Iterations of the adapted stage 1 (INR)."""
     iters_stage2: int = 200
+    """Iterations of the adapted stage 2 (refinement)."""
     # Adam lr of the adapted run. Only hash tables (initialised at ±1e-4) and LoRA factors train,
     # and with lr 1e-3 the tables need hundreds of steps just to grow to O(1); the frozen MLPs make
     # a larger rate safe (the instant-NGP default for hash tables is 1e-2).
     lr: float = 1e-2
+    """Adam learning rate of the adapted stage 1 (fresh hash tables need a larger one than 1e-3)."""
     lr_stage2: float = 1e-3         # LoRA factors and the joint stage at the paper's rate (1e-2 oscillates)
+    """Adam learning rate of the adapted stage 2 (LoRA factors; the paper's rate)."""
     train_step_sizes: bool = True
+    """Also train the learned step sizes of the refinement in an adapted run."""
     train_map_mlp: bool = False     # paper: MLP2 frozen; True also adapts MLP2 (ablation)
+    """Also adapt MLP2 (the paper freezes it; an ablation)."""
     # The paper freezes MLP1 too. Here it is adapted by default: MLP1 outputs the *complex* weighted
     # images, and the background phase differs between subjects; with MLP1 frozen, the spatial hash
     # alone fits the new subject's images slowly (loss 1 at 100 iterations 0.077 vs 0.012, and the
     # maps stall at ~11-24 % nRMSE; benchmarks/adaptation.py, README). MLP1 is 4-9 k parameters.
     train_image_mlp: bool = True
+    """Adapt MLP1 (the paper freezes it; here adapted: docs/decisions/006)."""
     warm_spatial_hashes: bool = False  # start hash 2/3 from the seed's tables (True) or fresh (False)
+    """Start hashes 2 and 3 from the seed's tables (True) or fresh (False)."""
     plateau_patience: int = 0       # >0: stop a stage when the loss has not improved by plateau_rel for this many iterations
+    """>0: stop a stage when the loss has not improved by plateau_rel for this many iterations."""
     plateau_rel: float = 1e-3
+    """Relative improvement that resets the plateau counter."""
 
 
 @dataclass
 class ReconConfig:
     seed: int = 0
-    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    """Seed of the random initialisation (the same seed gives bit-identical CPU results)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
     lr: float = 1e-3
+    """Adam learning rate of stages 1 and 2 from scratch."""
     iters_stage1: int = 1500
+    """Iterations of stage 1 (INR: losses 1 and 2)."""
     iters_stage2: int = 1500
+    """Iterations of stage 2 (refinement: loss 3)."""
     tv_weight: float = 0.01         # λ of eq. 4
+    """λ of eq. 4 (total variation of the INR's images)."""
     k_band: tuple = (20.0, 26.0)    # fundamental exchange rate k = kF / f is held in this band (1/s)
+    """Band (low, high) in 1/s in which k = kF/f is held; equal ends hold k fixed (docs/decisions/001)."""
     inr: INRConfig = field(default_factory=INRConfig)
+    """The INR initialisation (hashes and MLPs)."""
     unroll: UnrollConfig = field(default_factory=UnrollConfig)
+    """The unrolled refinement."""
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    """Rapid adaptation from a seed (LoRA and fresh spatial hashes)."""
     # images per chunk in the INR's losses (loss 1 + 2): 0 = all at once. For memory at full size:
     # MLP1's activations and A's coil images then exist for one chunk at a time (recon.inr_losses_chunked);
     # the result is the same to float32 rounding, at the cost of one more forward pass of MLP1
     image_chunk: int = 0
+    """Images per chunk in the INR's losses, for memory; 0: all at once (same result to rounding)."""
     log_every: int = 10             # record losses every n iterations (and at the last)
+    """Record losses (and nRMSE when a reference exists) every n iterations and at the last."""
     progress: bool = True
+    """Show a progress bar."""
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -132,20 +186,36 @@ class ReconConfig:
         return dataclasses.replace(self, **changes)
 
 
+_NESTED = {"INRConfig", "UnrollConfig", "AdaptConfig", "HashEncodingConfig"}
+
+
+def _typed(where: str, value, hint):
+    """``value`` if it fits the type ``hint`` (an int is fine for a float), else a ValueError."""
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where}: expected one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str)}.get(hint, True)
+    if not ok:
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _from_dict(cls, d: dict, where: str):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a table, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = set(d) - set(fields)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(fields)})")
     kwargs = {}
     for name, value in d.items():
-        ftype = fields[name].type
-        nested = {"INRConfig": INRConfig, "UnrollConfig": UnrollConfig, "AdaptConfig": AdaptConfig,
-                  "HashEncodingConfig": HashEncodingConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        if nested is not None:
-            kwargs[name] = _from_dict(nested, value, f"{where}.{name}")
+        hint = hints[name]
+        if getattr(hint, "__name__", "") in _NESTED:
+            kwargs[name] = _from_dict(hint, value, f"{where}.{name}")
         elif isinstance(fields[name].default, tuple):  # k_band, map_smoothness: fixed-length number tuples
             default = fields[name].default
             if not (isinstance(value, (list, tuple)) and len(value) == len(default) and all(
@@ -153,13 +223,21 @@ def _from_dict(cls, d: dict, where: str):
                 raise ValueError(f"{where}.{name}: expected a list of {len(default)} numbers, got {value!r}")
             kwargs[name] = tuple(float(v) for v in value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(f"{where}.{name}", value, hint)
     return cls(**kwargs)
 
 
 def _small_hash(levels=8, log2=14, base=4, scale=1.5):
     return HashEncodingConfig(n_levels=levels, n_features_per_level=2, log2_hashmap_size=log2,
                               base_resolution=base, per_level_scale=scale)
+
+
+#: the presets, each with one line on what it is for (``refine-more ... --preset NAME``)
+PRESETS = {
+    "tiny": "seconds on a CPU, for tests",
+    "small": "a 6×32×32 subject in about a minute on a CPU (the demo)",
+    "paper": "the paper's sizes and schedule (GPU)",
+}
 
 
 def preset(name: str) -> ReconConfig:
@@ -207,26 +285,37 @@ def preset(name: str) -> ReconConfig:
     raise ValueError(f"unknown preset {name!r} (known: paper, small, tiny)")
 
 
-def load_config(path=None, preset_name: str = "small") -> ReconConfig:
-    """A preset, overridden by a TOML or YAML file's keys (nested tables for inr/unroll/adapt)."""
-    cfg = preset(preset_name)
-    if path is None:
-        return cfg
+def _read_file(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix in (".toml", ".tml"):
-        import tomllib
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml", ".json"):
         import yaml
         data = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"config file {path}: use .toml, .yaml or .json")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a table of keys, got {type(data).__name__}")
+        return data
+    raise ValueError(f"config file {path}: use .toml, .yaml or .json")
+
+
+def load_config(path=None, preset_name: str = "small", overrides=()) -> ReconConfig:
+    """The one loader: a preset, then a TOML/YAML/JSON file's keys (nested tables for
+    inr/unroll/adapt; its own ``preset`` key replaces ``preset_name``), then ``KEY=VALUE``
+    overrides (:func:`apply_overrides`). A file written as ``config.json`` beside a result
+    (``{"config": {...}}``) loads back to the same config."""
+    data = {} if path is None else _read_file(path)
+    if set(data) == {"config_hash", "config"}:     # a resolved config written beside a result
+        data = data["config"]
     preset_name = data.pop("preset", preset_name)
-    base = preset(preset_name).to_dict()
-    return ReconConfig.from_dict(_merge(base, data))
+    cfg = ReconConfig.from_dict(_merge(preset(preset_name).to_dict(), data)) if data else preset(preset_name)
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def apply_overrides(config: ReconConfig, overrides) -> ReconConfig:

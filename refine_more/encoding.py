@@ -65,11 +65,17 @@ _warned_cuda_fallback = False
 @dataclass
 class HashEncodingConfig:
     n_levels: int = 16
+    """Number of resolution levels."""
     n_features_per_level: int = 2
+    """Features per level (the encoding's width is n_levels × this)."""
     log2_hashmap_size: int = 19
+    """log2 of the hash table size per level."""
     base_resolution: int = 16
+    """Grid resolution of the coarsest level."""
     per_level_scale: float = 1.5
+    """Resolution growth factor from one level to the next."""
     interpolation: str = "Linear"
+    """Interpolation between grid corners (tcnn's name; 'Linear')."""
 
     _TCNN_KEYS = (
         "otype",

@@ -97,7 +97,7 @@ def cohort_agreement(per_subject: dict, params=SCORED) -> dict:
 
 def bland_altman_png(path, agreement: dict, params=SCORED, title: str = ""):
     """One panel per (map, method): difference against mean of ROI means, bias and limits of agreement."""
-    from .maps_io import atomic_path
+    from .atomic import atomic_path
     from .plots import _plt
 
     plt = _plt()

@@ -1,9 +1,7 @@
-"""Reconstruction output, version 1 (spec `subject-format.md`, "Reconstruction output"), and
-atomic file writing.
+"""Reconstruction output, version 1 (spec `subject-format.md`, "Reconstruction output").
 
 Public API
 ----------
-- :func:`atomic_write` -- write any file atomically (temp file in the same folder + ``os.replace``).
 - :func:`write_maps` -- ``maps.h5`` plus ``I0.nii.gz``, ``T1F.nii.gz``, ``f.nii.gz``, ``kF.nii.gz``.
 - :func:`read_maps` -- read and validate ``maps.h5``: ``(maps, attrs)``.
 - :class:`MapsFormatError` -- a ``ValueError`` naming the file and member.
@@ -14,16 +12,16 @@ the data transposed to (x, y, z) (NIfTI's i, j, k), with affine ``diag(vx, vy, v
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write  # noqa: F401 (atomic_path: older imports from here)
+from .names import MAP_NAMES, is_subject_id
+
 MAPS_FORMAT = "refine-more-maps"
 MAPS_FORMAT_VERSION = 1
-MAP_NAMES = ("I0", "T1F", "f", "kF")
 REQUIRED_ATTRS = ("format", "format_version", "subject_id", "method", "config_hash", "software_version")
 
 
@@ -34,39 +32,6 @@ class MapsFormatError(ValueError):
         self.path = None if path is None else str(path)
         self.member = member
         super().__init__(message)
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Context manager: ``with atomic_path(p) as tmp: write(tmp)`` replaces ``p`` with ``tmp`` on
-    success (``os.replace``, same folder) and removes ``tmp`` on error, leaving ``p`` untouched.
-    The temp name keeps the final suffix (``.png``, ``.nii.gz``, ...) so libraries that choose a
-    format by extension work."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, dot, rest = os.path.basename(path).partition(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp" + ((dot + rest) if dot else ""), dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write(path, writer_fn: Callable[[str], None]) -> str:
-    """Write ``path`` atomically: ``writer_fn(tmp_path)`` writes a temp file in the same folder,
-    which then replaces ``path``; on any error ``path`` is untouched. Returns ``path``.
-
-    e.g. ``atomic_write("fig.png", lambda p: fig.savefig(p))`` or
-    ``atomic_write("x.json", lambda p: open(p, "w").write(json.dumps(d)))``.
-    """
-    with atomic_path(path) as tmp:
-        writer_fn(tmp)
-    return os.fspath(path)
 
 
 def _software_version() -> str:
@@ -99,8 +64,6 @@ def write_maps(out_dir, maps: dict, tissue_mask=None, *, subject_id: str, method
     import h5py
     import nibabel as nib
 
-    from .subject import SUBJECT_ID_RE
-
     out_dir = os.fspath(out_dir)
     if tissue_mask is None:
         if "tissue_mask" not in maps:
@@ -110,7 +73,7 @@ def write_maps(out_dir, maps: dict, tissue_mask=None, *, subject_id: str, method
     if tm.ndim != 3:
         raise ValueError(f"write_maps: tissue_mask must be (Z, Y, X), got shape {tm.shape}")
     sid = str(subject_id)
-    if not SUBJECT_ID_RE.match(sid) or sid in (".", ".."):
+    if not is_subject_id(sid):
         raise ValueError(f"write_maps: invalid subject_id {sid!r}")
     vox = np.asarray(voxel_size_mm, dtype=np.float64).reshape(3)
     out = {}

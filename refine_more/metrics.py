@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .names import MAP_NAMES
+
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -107,10 +109,16 @@ def roi_means(maps: dict, labels, names) -> dict:
     return out
 
 
-def score_maps(est: dict, ref: dict, mask=None, params=("I0", "T1F", "f", "kF")) -> dict:
-    """{param: {"nrmse": percent, "ssim": mean SSIM}} for each param in `params` that ref has.
+def score_maps(est: dict, ref: dict, mask=None, params=MAP_NAMES, *, with_ssim: bool = True,
+               flat: bool = False) -> dict:
+    """The one scoring function: nRMSE (eq. 16, percent) and mean SSIM of each map in ``params``
+    that ``ref`` has, over the voxels of ``mask``.
 
-    A param that ref has and est lacks is an error (KeyError).
+    Returns ``{param: {"nrmse": ..., "ssim": ...}}``, or with ``flat=True``
+    ``{"nrmse_<param>": ..., "ssim_<param>": ...}`` (the columns of the cohort's results table and
+    the keys of a reconstruction's history). ``with_ssim=False`` leaves SSIM out (it costs a few
+    Gaussian filters per map; the history logs nRMSE only). A param that ref has and est lacks is
+    an error (KeyError).
     """
     out = {}
     for p in params:
@@ -118,5 +126,9 @@ def score_maps(est: dict, ref: dict, mask=None, params=("I0", "T1F", "f", "kF"))
             continue
         if p not in est:
             raise KeyError(f"estimate has no map {p!r}")
-        out[p] = {"nrmse": nrmse(est[p], ref[p], mask), "ssim": ssim(est[p], ref[p], mask)}
+        out[p] = {"nrmse": nrmse(est[p], ref[p], mask)}
+        if with_ssim:
+            out[p]["ssim"] = ssim(est[p], ref[p], mask)
+    if flat:
+        return {f"{k}_{p}": v for p, s in out.items() for k, v in s.items()}
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .maps_io import atomic_path
+from .atomic import atomic_path
 
 DISPLAY = {  # name: (colormap, range or None for robust auto, unit)
     "I0": ("gray", None, "a.u."),

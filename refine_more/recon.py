@@ -75,7 +75,7 @@ class Problem:
     def __init__(self, subject, config: ReconConfig, device):
         from .b1 import b1_for
         from .coils import coil_maps_for
-        from .subject import derive_tissue_mask
+        from .tissue import derive_tissue_mask
 
         self.subject = subject
         coils_np = np.ascontiguousarray(coil_maps_for(subject))

@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from refine_more.maps_io import MapsFormatError, atomic_write, read_maps, write_maps
+from refine_more.atomic import atomic_write
+from refine_more.maps_io import MapsFormatError, read_maps, write_maps
 
 Z, Y, X = 6, 24, 20
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from refine_more.protocol import Protocol
-from refine_more.subject import (Subject, SubjectFormatError, derive_tissue_mask, read_subject,
-                                 validate_subject_file, write_subject)
+from refine_more.subject import Subject, SubjectFormatError, read_subject, validate_subject_file, write_subject
+from refine_more.tissue import derive_tissue_mask
 
 T, C, Z, Y, X = 8, 4, 6, 24, 24
 

@@ -1,0 +1,23 @@
+"""The ``refine-more`` console script: the method's commands and the cohort's in one parser.
+
+Each module named in :data:`COMMAND_MODULES` defines ``add_commands(subparsers)``; a module with
+new commands is added here, one line (see :mod:`refine_more.cli`).
+"""
+from __future__ import annotations
+
+import sys
+
+from refine_more import cli as method_cli
+
+COMMAND_MODULES = (
+    "refine_more.cli",      # simulate, validate, fit, recon
+    "cohort.cli",           # cohort run, demo
+)
+
+
+def main(argv=None) -> int:
+    return method_cli.main(argv, COMMAND_MODULES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One subject of a cohort, as plain functions (no Ray): reconstruct it and write its outputs.
+
+:func:`run_subject` and :func:`run_seed` are what the Ray tasks of :mod:`cohort.tasks` call; they
+run the same in a test or a notebook. Each writes ``DIR/<subject_id>/<mode>/`` (see
+:mod:`cohort.results`), ``done.json`` last, and returns the subject's results row.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+from refine_more.atomic import atomic_write_text
+from refine_more.metrics import score_maps
+from refine_more.names import MAP_NAMES
+
+from . import plots
+from .results import (CONFIG_FILE, DONE, MODES, SEED_STATE_FILE, clean, history_csv, json_default, subject_dir,
+                      write_json)
+
+
+def _fresh_dir(odir: Path) -> None:
+    """The subject folder, with nothing in it that passes for a finished result."""
+    odir.mkdir(parents=True, exist_ok=True)
+    (odir / DONE).unlink(missing_ok=True)          # a redo is not "done" until it finishes
+    # temporaries of an attempt that was killed mid-write (SIGKILL skips atomic_path's clean-up);
+    # one attempt writes a subject folder at a time (Ray retries only after a worker died)
+    for stale in odir.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+def _write_outputs(odir: Path, sid: str, mode: str, subject, result, config) -> dict:
+    """Maps, resolved config, montage, history and loss curves; returns their paths and the history."""
+    from refine_more.maps_io import write_maps
+
+    maps_path = write_maps(odir, result.maps, result.tissue_mask, subject_id=sid, method=result.method,
+                           config_hash=result.config_hash, voxel_size_mm=subject.voxel_size_mm)
+    write_json(odir / CONFIG_FILE, {"config_hash": config.hash(), "config": config.to_dict()})
+    title = f"{sid} {mode} ({result.method})"
+    montage_path = plots.montage(odir / "montage.png", result.maps, subject.reference, result.tissue_mask, title)
+    history = [{k: clean(v) for k, v in h.items()} for h in result.history]
+    history_path = write_json(odir / "history.json", history)
+    atomic_write_text(odir / "history.csv", history_csv(history))
+    loss_png = plots.loss_plot(odir / "loss.png", history, title)
+    return {"maps_path": str(maps_path), "montage_path": str(montage_path), "loss_png_path": str(loss_png),
+            "history_path": str(history_path), "history": history}
+
+
+def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[str], node: Optional[str],
+         scores: dict, path, odir: Path, outputs: dict, started: float) -> dict:
+    """The results row of a finished reconstruction (the columns of :data:`cohort.results.COLUMNS`)."""
+    final = result.final_losses()
+    t, it, tr = result.timings, result.iterations, result.trainable_parameters
+    row = {
+        "subject_id": sid, "mode": mode, "status": "ok", "error": None, "resumed": False,
+        "is_seed": bool(is_seed), "seed_subject": seed_subject if mode == "adapted" else (sid if is_seed else None),
+        "method": result.method, "node": node or socket.gethostname(), "device": result.device,
+        "setup_s": t.get("setup"), "stage1_s": t.get("stage1"), "stage2_s": t.get("stage2"), "total_s": t.get("total"),
+        "iterations_stage1": int(it.get("stage1", 0)), "iterations_stage2": int(it.get("stage2", 0)),
+        "trainable_stage1": int(tr.get("stage1", 0)), "trainable_stage2": int(tr.get("stage2", 0)),
+        "loss_final": final.get("loss"), "loss1_final": final.get("loss1"),
+        "loss2_final": final.get("loss2"), "loss3_final": final.get("loss3"),
+        **scores,
+        "config_hash": result.config_hash, "subject_path": str(path), "out_dir": str(odir),
+        **{k: v for k, v in outputs.items() if k != "history"}, "started_at": started,
+    }
+    row["finished_at"] = time.time()
+    row["wall_s"] = row["finished_at"] - started
+    return {k: clean(v) for k, v in row.items()}
+
+
+def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
+                        subject_id: Optional[str] = None, is_seed: bool = False,
+                        seed_subject: Optional[str] = None, save_seed_state: bool = False,
+                        node: Optional[str] = None):
+    """Reconstruct one subject, write its outputs (``done.json`` last); return ``(row, result)``."""
+    from refine_more.config import ReconConfig
+    from refine_more.recon import reconstruct
+    from refine_more.subject import read_subject
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "adapted" and seed_state is None:
+        raise ValueError("an adapted reconstruction needs a seed state")
+    started = time.time()
+    config = ReconConfig.from_dict(config_dict)
+    subject = read_subject(path)
+    sid = subject_id or subject.subject_id
+    odir = subject_dir(out_dir, sid, mode)
+    _fresh_dir(odir)
+    result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
+                         track_reference=True, progress_desc=f"{sid}/{mode}")
+    reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
+    scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
+    outputs = _write_outputs(odir, sid, mode, subject, result, config)
+    if save_seed_state:
+        from refine_more.adaptation import SeedState
+        SeedState.from_result(result).save(odir / SEED_STATE_FILE)
+    row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, scores=scores,
+               path=path, odir=odir, outputs=outputs, started=started)
+    write_json(odir / DONE, row)                   # LAST: marks it done
+    row["history"] = outputs["history"]    # for the driver's MLflow logging; not stored in results.parquet
+    return row, result
+
+
+def run_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
+                subject_id: Optional[str] = None, is_seed: bool = False, seed_subject: Optional[str] = None,
+                node: Optional[str] = None) -> dict:
+    """Reconstruct one subject (``mode`` 'scratch' or 'adapted', the latter with ``seed_state``:
+    a SeedState or its numpy dict), write its outputs; return its results row (with ``history``).
+
+    Raises what the reconstruction raises (``SubjectFormatError``/``ValueError`` for bad data).
+    """
+    row, _ = reconstruct_subject(path, out_dir, mode, config_dict, seed_state, subject_id=subject_id,
+                                 is_seed=is_seed, seed_subject=seed_subject, node=node)
+    return row
+
+
+def run_seed(path, out_dir, config_dict: dict, *, subject_id: Optional[str] = None,
+             node: Optional[str] = None) -> tuple:
+    """Reconstruct the seed from scratch (outputs under ``<id>/scratch``, plus
+    ``seed_state.safetensors`` for resuming); return ``(row, SeedState numpy dict)``."""
+    from refine_more.adaptation import SeedState
+    row, result = reconstruct_subject(path, out_dir, "scratch", config_dict, None, subject_id=subject_id,
+                                      is_seed=True, save_seed_state=True, node=node)
+    return row, SeedState.from_result(result).to_numpy_dict()
+
+
+def load_seed_state_dict(out_dir, seed_id: str) -> Optional[dict]:
+    """The saved seed state of a finished seed (resume), as a numpy dict; None when unusable."""
+    from refine_more.adaptation import SeedState, SeedStateError
+    p = subject_dir(out_dir, seed_id, "scratch") / SEED_STATE_FILE
+    try:
+        return SeedState.load(p).to_numpy_dict()
+    except (SeedStateError, OSError, ValueError):
+        return None
