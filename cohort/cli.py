@@ -46,6 +46,8 @@ def _add_run(sub) -> None:
                    help="retries of a task whose worker or node died (default 2); Python errors are never retried")
     r.add_argument("--allow-failures", action="store_true", help="exit 0 even when some subjects failed")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--bids", default=None, metavar="DIR",
+                   help="also write the finished maps as BIDS derivatives in DIR (refine_more/interop/bids.py)")
     r.set_defaults(func=_run)
 
 
@@ -75,6 +77,9 @@ def _run(args) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.bids:
+        from refine_more.interop.bids import entries_from_results, write_bids
+        write_bids(args.bids, entries_from_results(args.out))
     return 1 if report.n_failed and not args.allow_failures else 0
 
 

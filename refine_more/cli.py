@@ -112,6 +112,9 @@ def _recon(args):
                              "inr-only": score_maps(result.maps_init, ref, result.tissue_mask)}
     atomic_write_text(out / "history.json", json.dumps(result.history))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    if args.bids:
+        from .interop.bids import BidsEntry, write_bids
+        write_bids(args.bids, [BidsEntry(str(out / "maps.h5"), str(args.file))])
     print(json.dumps(summary, indent=1, default=float))
     return 0
 
@@ -162,6 +165,7 @@ def add_commands(sub) -> None:
     r.add_argument("--out", required=True)
     add_config_arguments(r)
     r.add_argument("--device", default=None, help="auto, cpu or cuda (the same as --set device=...)")
+    r.add_argument("--bids", default=None, metavar="DIR", help="also write the maps as BIDS derivatives in DIR")
     r.set_defaults(func=_recon)
 
 
