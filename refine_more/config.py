@@ -88,10 +88,11 @@ class UnrollConfig:
     # starts from sign-canonical channels. All 0 is the paper: the data term alone (over-fitted by
     # a long warm-start descent), the INR's channels as they are.
     map_smoothness: tuple = (0.0, 0.0, 0.0, 0.0)
+    """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
     # δ per map channel of that prior: > 0 makes its penalty pseudo-Huber (quadratic below δ,
     # linear above it: edges between tissues are kept, as with total variation); 0 keeps it quadratic
     map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
-    """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
+    """δ per map of that prior: > 0 makes its penalty pseudo-Huber (edges kept); 0 keeps it quadratic."""
 
 
 @dataclass

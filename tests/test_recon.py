@@ -26,9 +26,12 @@ def test_end_to_end_tiny(subject, result):
         m = result.maps[name]
         assert m.shape == subject.shape and np.isfinite(m).all()
         assert np.all(m[~result.tissue_mask] == 0)
-    # k = kF / f stays in the configured band
-    k = result.maps["k"][result.tissue_mask]
-    assert k.min() >= 20.0 - 1e-4 and k.max() <= 26.0 + 1e-4
+    # kF is reported as k·f, and k (bounded to 20–26 by construction, tanh) did not run to an edge
+    # of its band: the data say little about k, so a k channel pushed against a bound means the INR
+    # fitted noise through it (the simulated truth is 23–24 s⁻¹)
+    k, f = result.maps["k"][result.tissue_mask], result.maps["f"][result.tissue_mask]
+    np.testing.assert_allclose(result.maps["kF"][result.tissue_mask], k * f, rtol=1e-6)
+    assert 21.0 < k.min() and k.max() < 25.0
     losses = [h for h in result.history]
     assert all(np.isfinite(h[k]) for h in losses for k in h if k.startswith("loss"))
     stage1 = [h["loss"] for h in losses if h["stage"] == 1]
@@ -219,7 +222,7 @@ def test_chunked_inr_losses_match_the_whole(subject, chunk):
         for n, p in inr.named_parameters():
             if n in whole:
                 torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-7, msg=n)
-        assert inr.hash_time.params.grad is None if frozen_time else True
+        assert (inr.hash_time.params.grad is None) == frozen_time     # frozen: no gradient; else one
         with torch.no_grad():
             *_, n1, n2 = inr_losses_chunked(inr, prob, cfg.tv_weight, chunk, backward=False)
         torch.testing.assert_close(n1 + n2, l1c + l2c, rtol=1e-6, atol=0)

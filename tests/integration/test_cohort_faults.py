@@ -10,7 +10,10 @@ import time
 import pandas as pd
 import pytest
 
-from cohort.driver import DONE, run_cohort, subject_dir
+from cohort.driver import run_cohort
+from cohort.results import DONE, subject_dir
+
+pytestmark = pytest.mark.slow
 
 
 def _running_task_pids(name: str) -> list:

@@ -18,6 +18,8 @@ from conftest import N_SUBJECTS, REPO, VENV_BIN, free_port
 
 RAY = str(VENV_BIN / "ray")
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def ray_head():
