@@ -133,7 +133,8 @@ def _write_entry(out: Path, entry: BidsEntry, label: str) -> tuple:
         written.append(anat / f"{base}.nii.gz")
     _nifti(anat / mask_name, maps["tissue_mask"].astype(np.uint8), vox)
     _json(anat / mask_name.replace(".nii.gz", ".json"),
-          {"Description": "voxels reconstructed (maps are 0 outside)", "Type": "Brain", "Sources": sources})
+          {"Description": "voxels reconstructed (maps are 0 outside)", "Type": "Brain", "Sources": sources,
+           "SpatialReference": "orig"})
     return written, attrs
 
 
