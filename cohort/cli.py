@@ -46,6 +46,9 @@ def _add_run(sub) -> None:
                    help="retries of a task whose worker or node died (default 2); Python errors are never retried")
     r.add_argument("--allow-failures", action="store_true", help="exit 0 even when some subjects failed")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--seed-from", default=None, metavar="DIR_OR_MLFLOW_RUN",
+                   help="adapt every subject from the seed state of an earlier run (its output folder, its "
+                        "seed_state.safetensors, or its MLflow parent run: runs:/<run id>); no seed is reconstructed")
     r.add_argument("--bids", default=None, metavar="DIR",
                    help="also write the finished maps as BIDS derivatives in DIR (refine_more/interop/bids.py)")
     r.set_defaults(func=_run)
@@ -56,6 +59,7 @@ def _run(args) -> int:
 
     from .driver import run_cohort
     from .manifest import ManifestError
+    from .seed_source import SeedSourceError
 
     if args.gpus_per_task is not None and args.gpus_per_task < 0:
         print("error: --gpus-per-task must be >= 0", file=sys.stderr)
@@ -73,8 +77,8 @@ def _run(args) -> int:
                             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
                             tracking_uri=args.tracking_uri, experiment=args.experiment,
                             tracking=not args.no_tracking, force=args.force, max_retries=args.max_retries,
-                            num_cpus=args.num_cpus, progress=not args.no_progress)
-    except ManifestError as exc:
+                            num_cpus=args.num_cpus, progress=not args.no_progress, seed_from=args.seed_from)
+    except (ManifestError, SeedSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.bids:

@@ -28,9 +28,9 @@ from typing import Optional
 from . import plots
 from .manifest import file_sha256, read_manifest, validate_entries
 from .plan import CohortPlan, plan_cohort
-from .results import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport, failed_row,
-                      format_summary, read_done, rows_frame, summarize, summary_metrics, write_json,
-                      write_results)
+from .results import (CONFIG_FILE, RESULTS_FILE, SEED_STATE_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport,
+                      failed_row, format_summary, read_done, rows_frame, subject_dir, summarize,
+                      summary_metrics, write_json, write_results)
 from .subject_run import load_seed_state_dict
 
 
@@ -206,15 +206,19 @@ def _finish(report: CohortReport, tracker, rows: list, out_dir: Path, mode: str,
                                              if tracker.parent_run_id else ""))
 
 
-def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, progress: bool, log):
+def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, progress: bool, log, external=None):
+    """``external``: ``(seed dict, seed subject)`` of ``--seed-from``, or None."""
     entries = read_manifest(manifest, out_dir)
     validate_entries(entries, progress=progress)
     for e in entries:
         if not e.valid:
             log(f"skipping {e.subject_id}: invalid subject file:\n  " + "\n  ".join(e.problems))
-    plan = plan_cohort(entries, mode, config_hash, lambda sid, m: read_done(out_dir, sid, m), force=force)
+    plan = plan_cohort(entries, mode, config_hash, lambda sid, m: read_done(out_dir, sid, m), force=force,
+                       external_seed=external[1] if external else None)
     seed_dict = None
-    if plan.needs_seed_state and not plan.seed_todo:
+    if external:
+        seed_dict = external[0] if plan.needs_seed_state else None
+    elif plan.needs_seed_state and not plan.seed_todo:
         seed_dict = load_seed_state_dict(out_dir, plan.seed_id)
         if seed_dict is None:
             plan = plan.redo_seed()
@@ -228,8 +232,9 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
                gpus_per_task: Optional[float] = None, cpus_per_task: float = 1, tracking_uri: Optional[str] = None,
                experiment: str = "refine-more-cohort", tracking: bool = True, force: bool = False,
                max_retries: int = 2, num_cpus: Optional[int] = None, progress: bool = True,
-               log=print) -> CohortReport:
-    """Run a cohort (see the module docstring); returns a :class:`cohort.results.CohortReport`."""
+               seed_from: Optional[str] = None, log=print) -> CohortReport:
+    """Run a cohort (see the module docstring); returns a :class:`cohort.results.CohortReport`.
+    ``seed_from``: adapt from an earlier run's seed state (:mod:`cohort.seed_source`), no seed run."""
     import ray
 
     from refine_more.config import ReconConfig, preset
@@ -241,7 +246,15 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    entries, plan, seed_dict = _plan(manifest, out_dir, mode, config_hash, force, progress, log)
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
+    external, seed_path = None, None
+    if seed_from:
+        from .seed_source import resolve_seed_from
+        seed_dict, seed_subject, seed_path = resolve_seed_from(seed_from, config, tracking_uri)
+        external = (seed_dict, seed_subject)
+        log(f"seed state from {seed_from}: seed subject {seed_subject}, no seed reconstructed")
+    entries, plan, seed_dict = _plan(manifest, out_dir, mode, config_hash, force, progress, log, external)
+    del external
     write_json(out_dir / CONFIG_FILE, {"config_hash": config_hash, "config": config.to_dict()})
     report = CohortReport(rows=[], results_path=str(out_dir / RESULTS_FILE), summary={}, summary_text="",
                           wall_s=0.0, seed_subject=plan.seed_id, n_resumed=plan.n_resumed)
@@ -258,7 +271,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         # history, output paths) and only the driver talks to MLflow: one process writes the sqlite
         # file, and remote nodes need not reach the tracking store; artifacts are read from the
         # output folder, which the cluster must share anyway.
-        report.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
+        report.tracking_uri = tracking_uri
         tracker = CohortTracker(report.tracking_uri, experiment, out_dir, enabled=tracking, log=log)
         tracker.start_parent(config, mode=mode, manifest=manifest, manifest_sha256=file_sha256(manifest),
                              resources=report.resources, n_subjects=len(entries), seed_subject=plan.seed_id)
@@ -266,7 +279,10 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
                                config.adapt.lora_rank, log, progress)
         scheduler.start(seed_dict)
         del seed_dict
-        _finish(report, tracker, scheduler.run(), out_dir, mode, len(entries), t_start, log)
+        rows = scheduler.run()
+        tracker.log_seed_state(seed_path or (subject_dir(out_dir, plan.seed_id, "scratch") / SEED_STATE_FILE
+                                             if plan.seed_id else None))
+        _finish(report, tracker, rows, out_dir, mode, len(entries), t_start, log)
         return report
     except BaseException:
         if tracker is not None:

@@ -51,10 +51,11 @@ class CohortPlan:
     rows: dict             # (subject_id, mode) -> row known before running: failed or resumed
     todo: list             # (entry, mode) to reconstruct as subject tasks
     seed_todo: bool        # the seed's scratch run is reconstructed first, as the seed task
+    external_seed: Optional[str] = None   # --seed-from: the seed subject of an earlier run
 
     @property
     def seed_id(self) -> Optional[str]:
-        return self.seed.subject_id if self.seed else None
+        return self.external_seed or (self.seed.subject_id if self.seed else None)
 
     @property
     def needs_seed_state(self) -> bool:
@@ -77,11 +78,14 @@ class CohortPlan:
         return dataclasses.replace(self, rows=rows, todo=todo, seed_todo=True)
 
 
-def plan_cohort(entries: list, mode: str, config_hash: str, finished: Finished, *, force: bool = False) -> CohortPlan:
-    """The plan of a cohort run (see the module docstring); ``finished`` looks up done.json rows."""
+def plan_cohort(entries: list, mode: str, config_hash: str, finished: Finished, *, force: bool = False,
+                external_seed: Optional[str] = None) -> CohortPlan:
+    """The plan of a cohort run (see the module docstring); ``finished`` looks up done.json rows.
+    ``external_seed``: adapted rows adapt from an earlier run's seed state (``--seed-from``) and
+    no seed is reconstructed."""
     modes = modes_of(mode)
-    seed = choose_seed(entries) if "adapted" in modes else None
-    seed_id = seed.subject_id if seed else None
+    seed = choose_seed(entries) if "adapted" in modes and not external_seed else None
+    seed_id = external_seed or (seed.subject_id if seed else None)
     rows: dict = {}
     for e in entries:
         if not e.valid:
@@ -97,12 +101,12 @@ def plan_cohort(entries: list, mode: str, config_hash: str, finished: Finished, 
                 rows[(e.subject_id, m)] = {**prev, "resumed": True}
             else:
                 todo.append((e, m))
-    if seed_id and not force and (seed_id, "scratch") not in rows:
+    if seed and not force and (seed_id, "scratch") not in rows:
         # adapted mode: the seed's scratch run belongs to the cohort's results too
         prev = finished(seed_id, "scratch")
         if resumable(prev, "scratch", config_hash, None):
             rows[(seed_id, "scratch")] = {**prev, "resumed": True}
-    plan = CohortPlan(modes=modes, seed=seed, rows=rows, todo=todo, seed_todo=False)
-    if plan.needs_seed_state and not rows.get((seed_id, "scratch"), {}).get("resumed"):
+    plan = CohortPlan(modes=modes, seed=seed, rows=rows, todo=todo, seed_todo=False, external_seed=external_seed)
+    if seed and plan.needs_seed_state and not rows.get((seed_id, "scratch"), {}).get("resumed"):
         plan = plan.redo_seed()
     return plan

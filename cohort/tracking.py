@@ -133,6 +133,16 @@ class CohortTracker:
         except Exception as exc:
             self._fail("finishing the cohort run", exc)
 
+    def log_seed_state(self, path):
+        """The seed state this run adapted from, as the parent run's artifact ``seed_state/`` (what
+        ``cohort run --seed-from runs:/<parent run id>`` reads)."""
+        if not self.enabled or not self.parent_run_id or path is None or not Path(path).is_file():
+            return
+        try:
+            self._artifacts(self.parent_run_id, [path], "seed_state")
+        except Exception as exc:
+            self._fail("logging the seed state", exc)
+
     # -- children ---------------------------------------------------------------------------------
     def log_child(self, row: dict, history: list, lora_rank: Optional[int] = None) -> Optional[str]:
         """One nested run for a finished (or failed) subject/mode; returns its run id."""
