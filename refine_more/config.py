@@ -142,9 +142,9 @@ class ReconConfig:
     """Iterations of stage 1 (INR: losses 1 and 2)."""
     iters_stage2: int = 1500
     """Iterations of stage 2 (refinement: loss 3)."""
-    tv_weight: float = 0.01         # λ of eq. 4
+    tv_weight: float = 0.01
     """λ of eq. 4 (total variation of the INR's images)."""
-    k_band: tuple = (20.0, 26.0)    # fundamental exchange rate k = kF / f is held in this band (1/s)
+    k_band: tuple = (20.0, 26.0)
     """Band (low, high) in 1/s in which k = kF/f is held; equal ends hold k fixed (docs/decisions/001)."""
     inr: INRConfig = field(default_factory=INRConfig)
     """The INR initialisation (hashes and MLPs)."""
@@ -152,12 +152,11 @@ class ReconConfig:
     """The unrolled refinement."""
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     """Rapid adaptation from a seed (LoRA and fresh spatial hashes)."""
-    # images per chunk in the INR's losses (loss 1 + 2): 0 = all at once. For memory at full size:
-    # MLP1's activations and A's coil images then exist for one chunk at a time (recon.inr_losses_chunked);
-    # the result is the same to float32 rounding, at the cost of one more forward pass of MLP1
     image_chunk: int = 0
-    """Images per chunk in the INR's losses, for memory; 0: all at once (same result to rounding)."""
-    log_every: int = 10             # record losses every n iterations (and at the last)
+    """Images per chunk in the INR's losses (1 + 2), for memory at full size: MLP1's activations and A's
+    coil images exist for one chunk at a time (recon.inr_losses_chunked); 0: all at once. Same result
+    to float32 rounding, one more forward pass of MLP1; not part of the config hash."""
+    log_every: int = 10
     """Record losses (and nRMSE when a reference exists) every n iterations and at the last."""
     progress: bool = True
     """Show a progress bar."""
