@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ReconConfig
+from .image_phase import PhaseModel
 from .inr import INR, MapScaling
 from .operators import MultiCoilCartesian, zero_filled_images
 from .signal_model import BTSModel
@@ -99,11 +100,27 @@ class Problem:
         self.scaling = MapScaling(I0_scale=float(1.0 / typical.max()), k_band=tuple(config.k_band))
         self.n_tissue = int(self.tissue.sum())
         self.bs_phase = self.model.bloch_siegert_phase(self.b1, self.b1).to(torch.float32)   # (T, Z, Y, X)
+        self.phase_model = PhaseModel(self.tissue, self.bs_phase, config.unroll.image_phase_order)
         # diagonal of AᴴA per image and voxel, p_t·Σ_c|S_c|² (p_t: the fraction of k-space sampled for
         # image t), scaled like g: the image-domain metric the Gauss–Newton preconditioner uses
         fraction = mask.float().mean(dim=(1, 2))
         self._coil_energy = (2.0 / self.kspace_energy) * (coils.abs() ** 2).sum(0)[None]     # (1, Z, Y, X)
         self._normal_diag = fraction.view(-1, 1, 1, 1) * self._coil_energy
+
+    def restricted(self, mask) -> "Problem":
+        """The same subject seen through a subset of its acquired samples, `mask` (T, Z, Y) bool
+        (splitting.py): A, the data and the Gauss–Newton diagonal use only those samples; the
+        normalisation ‖d‖² stays the whole acquisition's, so terms over disjoint subsets add up."""
+        import copy
+
+        mask = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.tissue.device)
+        if tuple(mask.shape) != tuple(self.A.mask.shape[:1] + self.A.mask.shape[2:4]):
+            raise ValueError(f"{self.subject.subject_id}: restriction mask must be (T, Z, Y) like the subject's mask")
+        sub = copy.copy(self)
+        sub.A = MultiCoilCartesian(self.A.coil_sens, mask)
+        sub.kspace = self.kspace * mask[:, None, :, :, None].to(self.kspace.real.dtype)
+        sub._normal_diag = mask.float().mean(dim=(1, 2)).view(-1, 1, 1, 1) * self._coil_energy
+        return sub
 
     def data_consistency(self, images: torch.Tensor, t0: int = 0) -> torch.Tensor:
         """||A x − d||² / ||d||². With fewer images than the subject has: images t0, t0 + 1, …, and
@@ -126,13 +143,14 @@ class Problem:
         return self.data_consistency(torch.polar(self.signal(channels), self.image_phase(background)))
 
     def image_phase(self, background: torch.Tensor) -> torch.Tensor:
-        """φ_t = φ₀ + φ_BS,t: (Z, Y, X) → (T, Z, Y, X)."""
-        return background[None] + self.bs_phase
+        """φ_t = φ₀ + φ_BS,t (+ δ_t with a per-image phase model): nuisance variable → (T, Z, Y, X)."""
+        return self.phase_model.phases(background)
 
     def background_phase(self, images: torch.Tensor) -> torch.Tensor:
-        """φ₀ of complex images (T, Z, Y, X): the phase of Σ_t W_t·e^{−iφ_BS,t} (a magnitude-weighted
-        circular mean over the images)."""
-        return (images.detach() * torch.polar(torch.ones_like(self.bs_phase), -self.bs_phase)).sum(0).angle()
+        """The nuisance variable of complex images (T, Z, Y, X): φ₀ is the phase of
+        Σ_t W_t·e^{−i(φ_BS,t + δ_t)} (a magnitude-weighted circular mean over the images); with a
+        per-image phase model also δ_t, fitted to each image's residual phase (image_phase.py)."""
+        return self.phase_model.estimate(images, self.tissue)
 
     @torch.no_grad()
     def signal_jacobian(self, channels: torch.Tensor, step: float = 1e-5) -> torch.Tensor:
@@ -201,19 +219,47 @@ class Problem:
 
     @torch.no_grad()
     def phase_step(self, channels: torch.Tensor, background: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
-        """One Gauss–Newton step on the background phase φ₀ (Z, Y, X) for fixed maps.
+        """One Gauss–Newton step on the images' phase for fixed maps: on φ₀ (Z, Y, X) and, with a
+        per-image phase model, then on the coefficients of each image's deviation δ_t.
 
-        x_t = S_t·e^{i(φ₀+φ_BS,t)}; ∂g/∂φ₀ = (2/‖d‖²)·Σ_t Im(x̄_t·(Aᴴ(Ax − d))_t). The metric is a
-        per-voxel majorizer of the Gauss–Newton matrix, Σ_c|S_c|²·Σ_t S_t² (AᴴA ≤ diag Σ_c|S_c|²):
-        unlike the sampled diagonal p_t·Σ_c|S_c|², which the map step uses with a line search, it
-        cannot overshoot along aliased directions (the sampled diagonal diverges here at AF 4).
-        φ₀ decouples from the maps (∂x/∂φ₀ = i·x is orthogonal to ∂x/∂Q = J·e^{iφ}).
-        Damped by `damping`·(mean metric in tissue).
+        x_t = S_t·e^{iφ_t}; ∂g/∂φ_t = (2/‖d‖²)·Im(x̄_t·(Aᴴ(Ax − d))_t). The metric is a
+        per-voxel majorizer of the Gauss–Newton matrix, Σ_c|S_c|²·Σ_t S_t² for φ₀
+        (AᴴA ≤ diag Σ_c|S_c|²): unlike the sampled diagonal p_t·Σ_c|S_c|², which the map step uses
+        with a line search, it cannot overshoot along aliased directions (the sampled diagonal
+        diverges here at AF 4). φ₀ decouples from the maps (∂x/∂φ₀ = i·x is orthogonal to
+        ∂x/∂Q = J·e^{iφ}). Damped by `damping`·(mean metric in tissue). For δ_t = Σ_k c_t,k B_k
+        the same bound gives the K×K majorizer Σ_x B_k B_l Σ_c|S_c|² S_t² per image.
         """
-        x = torch.polar(self.signal(channels), self.image_phase(background))
+        background_only, coefficients = self.phase_model.unpack(background)
+        mag = self.signal(channels)
+        grad = self._phase_gradient(mag, background)
+        phi0 = background_only - grad.sum(0) / self.phase_metric(channels, damping)
+        if coefficients is None:
+            return phi0
+        z = self.phase_model.pack(phi0, coefficients)
+        grad = self._phase_gradient(mag, z)[1:].reshape(grad.shape[0] - 1, -1)          # (T − 1, N)
+        B = self.phase_model.basis.reshape(self.phase_model.n_coefficients, -1)           # (K, N)
+        curvature = (self._coil_energy[0] * mag[1:] ** 2).reshape(grad.shape[0], -1)     # (T − 1, N)
+        M = torch.einsum("kn,tn,ln->tkl", B, curvature, B)
+        trace = M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        M = M + (damping * trace)[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
+        return self.phase_model.pack(phi0, coefficients - step)
+
+    def _phase_gradient(self, mag: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """∂g/∂φ_t per image and voxel, (T, Z, Y, X), for signal magnitudes `mag`."""
+        x = torch.polar(mag, self.image_phase(background))
         r = self.A.adjoint(self.A(x) - self.kspace)
-        grad = (2.0 / self.kspace_energy) * (x.conj() * r).imag.sum(0)
-        return background - grad / self.phase_metric(channels, damping)
+        return (2.0 / self.kspace_energy) * (x.conj() * r).imag
+
+    @torch.no_grad()
+    def coefficient_metric(self, channels: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+        """The diagonal of the per-image coefficients' majorizer (T − 1, K), damped like φ₀'s."""
+        mag = self.signal(channels)
+        B2 = self.phase_model.basis.reshape(self.phase_model.n_coefficients, -1) ** 2
+        curvature = (self._coil_energy[0] * mag[1:] ** 2).reshape(mag.shape[0] - 1, -1)
+        diag = curvature @ B2.T
+        return diag + damping * diag.mean(-1, keepdim=True).clamp_min(1e-30)
 
     def physical_maps(self, channels: torch.Tensor) -> dict:
         """Maps in the file's units: I0 back in the units of the k-space (undo `data_scale`)."""
@@ -245,7 +291,7 @@ class MapDataTerm:
         # every weight is 0
         neutral = problem.scaling.initial_raw().to(problem.tissue.device).view(-1, 1, 1, 1).expand(-1, *problem.tissue.shape)
         curvature = problem.gauss_newton_matrix(neutral).diagonal(dim1=-2, dim2=-1)
-        prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness)
+        prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness, config.map_edge_scale)
         self.prior = prior if prior.active else None
         self._prior_curvature = prior.hessian_diagonal() if prior.active else None  # constant: once
 
@@ -274,8 +320,13 @@ class MapDataTerm:
         maps = lambda u: torch.einsum("...ij,j...->i...", factor, u)  # noqa: E731
         if not self.config.refine_phase:
             return maps, None
+        tissue = self.problem.tissue.to(q.dtype)
         scale = self.problem.phase_metric(q, damping).rsqrt()
-        return maps, (lambda v: scale * v)
+        model = self.problem.phase_model
+        if not model.per_image:
+            return maps, (lambda v: scale * v)
+        scale_c = self.problem.coefficient_metric(q, damping).rsqrt()
+        return maps, (lambda v: model.pack(scale * model.unpack(v)[0] * tissue, scale_c * model.unpack(v)[1]))
 
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:

@@ -54,6 +54,7 @@ class SimulationConfig:
     write_coil_sens: bool = True           # False: readers estimate coil maps with ESPIRiT
     write_b1: bool = True
     flip_angles_deg: tuple = (5.0, 10.0, 20.0, 40.0)
+    phase_drift: float = 0.0               # radians: each image's own smooth phase up to this size (B0 drift, motion)
 
 
 def default_calib(matrix) -> tuple:
@@ -111,6 +112,22 @@ def smooth_field(shape, rng, scale_vox, amplitude):
     noise = rng.standard_normal(shape)
     field = ndimage.gaussian_filter(noise, np.maximum(np.asarray(scale_vox, float), 0.5), mode="wrap")
     return amplitude * field / (field.std() + 1e-12)
+
+
+def image_phase_drift(shape, n_images, tissue, size, rng):
+    """Per-image phase deviations (T, Z, Y, X) of up to `size` radians over the tissue: an offset,
+    a linear gradient and a smooth random field (σ a third of the field of view), as B0 drift and
+    motion between acquisitions would give; each image's largest |deviation| is `size`·U(0.5, 1)."""
+    if not (np.isfinite(size) and size >= 0):
+        raise ValueError(f"phase_drift must be a finite number of radians ≥ 0, got {size!r}")
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = np.asarray(tissue, bool) if np.any(tissue) else np.ones(shape, bool)
+    out = np.zeros((n_images,) + tuple(shape))
+    for t in range(n_images):
+        field = rng.uniform(-1, 1) + sum(rng.uniform(-1, 1) * g for g in grid)
+        field = field + smooth_field(shape, rng, np.asarray(shape, float) / 3.0, 0.5)
+        out[t] = field * size * rng.uniform(0.5, 1.0) / np.abs(field[inside]).max()
+    return out
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -195,6 +212,11 @@ def simulate_subject(subject_id: str, config: SimulationConfig, seed: int, templ
     images = model.complex_images(t64(maps["I0"]), t64(maps["T1F"]), t64(maps["f"]), t64(maps["kF"]), t64(b1)).numpy()
     bg_phase = smooth_field(config.matrix, rng, np.array([2.0, 8.0, 8.0]) * max(Y, X) / 48.0, 1.0) + rng.uniform(-np.pi, np.pi)
     images = images * np.exp(1j * bg_phase)[None] * tissue_mask[None]
+    if config.phase_drift:
+        # its own generator, so cohorts without drift stay what they were
+        drift = image_phase_drift(config.matrix, protocol.n_images, tissue_mask, config.phase_drift,
+                                  np.random.default_rng([seed, 0x5EED]))
+        images = images * np.exp(1j * drift)
 
     coils = sigpy.mri.birdcage_maps((config.n_coils,) + tuple(config.matrix), r=1.3).astype(np.complex64)
     coils *= np.exp(1j * rng.uniform(-np.pi, np.pi, config.n_coils))[:, None, None, None].astype(np.complex64)
@@ -225,7 +247,8 @@ def simulate_subject(subject_id: str, config: SimulationConfig, seed: int, templ
         reference=reference,
         label_names=list(TISSUES),
         path=None,
-        notes=[f"simulated: seed {seed}, SNR {config.snr}, AF {config.acceleration} ({config.mask_type})"],
+        notes=[f"simulated: seed {seed}, SNR {config.snr}, AF {config.acceleration} ({config.mask_type})"
+               + (f", per-image phase drift up to {config.phase_drift} rad" if config.phase_drift else "")],
     )
 
 

@@ -113,7 +113,9 @@ def quasi_newton(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, itera
         v = torch.zeros_like(z, requires_grad=True) if joint else None
 
         def point():
-            zz = z_ref + nuisance(v) * weight if joint else z_ref
+            step = nuisance(v) if joint else None
+            # a nuisance shaped like the maps' voxels is masked here; a packed one (per-image phase) by the term
+            zz = (z_ref + (step * weight if step.shape == weight.shape else step)) if joint else z_ref
             return q_ref + maps(u) * weight, zz
 
         opt = torch.optim.LBFGS([u] + ([v] if joint else []), lr=1.0, max_iter=n, history_size=history,
