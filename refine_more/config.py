@@ -74,6 +74,10 @@ class UnrollConfig:
     """Refine the background image phase φ₀ during the refinement (docs/decisions/007)."""
     phase_steps: int = 1            # phase steps before each map step
     """Background-phase steps before each map step."""
+    # each image's own phase deviation δ_t from the shared background phase (B0 drift, motion):
+    # a polynomial of this degree in (z, y, x) per image (image_phase.py); −1: none (one shared φ₀)
+    image_phase_order: int = -1
+    """Degree of each image's own polynomial phase deviation from φ₀; −1: none."""
     # unlearned descent steps on the data term before the K learned phases (unrolled.descend);
     # 0 is the paper's unroll, which starts the learned phases at the INR's maps
     warm_start_steps: int = 0
