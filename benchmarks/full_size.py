@@ -28,7 +28,8 @@ import torch
 
 from refine_more.config import apply_overrides, preset
 from refine_more.operators import MultiCoilCartesian
-from refine_more.recon import reconstruct, resolve_device
+from refine_more.physics import resolve_device
+from refine_more.recon import reconstruct
 from refine_more.simulate import SimulationConfig, simulate_subject
 from timing import time_calls
 

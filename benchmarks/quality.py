@@ -36,13 +36,14 @@ PARAMS = ("I0", "T1F", "f", "kF")
 def warm_start_maps(subject, result) -> dict:
     """Physical maps of the warm start alone: the result's INR maps after the warm start (M
     descent steps or 16 + M L-BFGS iterations, `unroll.warm_start_solver`)."""
-    from refine_more.recon import MapDataTerm, Problem
+    from refine_more.objective import RefinementObjective
+    from refine_more.physics import ScanPhysics
     config = result.state["config"]
     inr, unrolled = result.state["inr"], result.state["unrolled"]
-    prob = Problem(subject, config, next(inr.parameters()).device)
+    prob = ScanPhysics(subject, config, next(inr.parameters()).device)
     with torch.no_grad():
         images = inr.images()
-        term = MapDataTerm(prob, config.unroll)
+        term = RefinementObjective(prob, config.unroll)
         q, _ = unrolled.warm_start(term.start(inr.map_channels()), term, prob.background_phase(images), prob.tissue)
     return prob.physical_maps(q)
 

@@ -21,7 +21,7 @@ DESCRIPTION = "REFINE-MORE: scan-specific qMT (BTS) reconstruction, one subject 
 def _simulate(args):
     from .simulate import SimulationConfig, simulate_cohort
     cfg = SimulationConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr,
-                           mask_type=args.mask, write_coil_sens=not args.estimate_coils)
+                           mask_type=args.mask, write_coil_sens=not args.estimate_coils, phase_drift=args.phase_drift)
     manifest = simulate_cohort(args.out, args.subjects, cfg, seed=args.seed, progress=not args.quiet)
     print(manifest)
     return 0
@@ -142,6 +142,8 @@ def add_commands(sub) -> None:
     s.add_argument("--coils", type=int, default=4)
     s.add_argument("--snr", type=float, default=200.0)
     s.add_argument("--mask", choices=("2d", "1d"), default="2d")
+    s.add_argument("--phase-drift", type=float, default=0.0, metavar="RADIANS",
+                   help="each image's own random smooth phase of up to this size (B0 drift, motion)")
     s.add_argument("--estimate-coils", action="store_true", help="do not store coil_sens (readers run ESPIRiT)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_simulate)

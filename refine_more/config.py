@@ -47,8 +47,8 @@ class INRConfig:
 
 @dataclass
 class UnrollConfig:
-    phases: int = 4
-    """K, the number of learned unrolled iterations of the refinement (paper: 4)."""
+    iterations: int = 4
+    """K, the number of learned unrolled iterations of the refinement (the paper's "phases": 4)."""
     unet_width: int = 32            # channels of the first U-Net layer
     """Channels of the first layer of the shared residual U-Net."""
     unet_levels: int = 4            # number of 2× downsamplings
@@ -62,7 +62,7 @@ class UnrollConfig:
     create_graph: bool = False
     """Exact (second-order) backprop through each unrolled step; False takes the first-order one (docs/decisions/002)."""
     # "gauss-newton": each phase steps along H⁻¹∇g with H the per-voxel Gauss–Newton matrix of the
-    # data consistency (recon.Problem.gauss_newton_direction); "none": the paper's plain ∇g (eq. 8).
+    # data consistency (physics.ScanPhysics.gauss_newton_direction); "none": the paper's plain ∇g (eq. 8).
     # The maps' four parameters are badly conditioned against each other: on a 6×32×32 subject
     # four plain gradient steps move T1F from 22 % to 19 % nRMSE, four Gauss–Newton steps to 6 %.
     preconditioner: Literal["gauss-newton", "none"] = "gauss-newton"
@@ -78,8 +78,8 @@ class UnrollConfig:
     # a polynomial of this degree in (z, y, x) per image (image_phase.py); −1: none (one shared φ₀)
     image_phase_order: int = -1
     """Degree of each image's own polynomial phase deviation from φ₀; −1: none."""
-    # unlearned descent steps on the data term before the K learned phases (unrolled.descend);
-    # 0 is the paper's unroll, which starts the learned phases at the INR's maps
+    # unlearned descent steps on the data term before the K learned iterations (unrolled.descend);
+    # 0 is the paper's unroll, which starts the learned iterations at the INR's maps
     warm_start_steps: int = 0
     """Unlearned descent (or L-BFGS) iterations before the learned ones; 0 is the paper (docs/decisions/003)."""
     # how the warm start minimises: "descent" (`warm_start_steps` monotone Gauss–Newton steps with
@@ -97,6 +97,21 @@ class UnrollConfig:
     # linear above it: edges between tissues are kept, as with total variation); 0 keeps it quadratic
     map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
     """δ per map of that prior: > 0 makes its penalty pseudo-Huber (edges kept); 0 keeps it quadratic."""
+    training: Literal["full", "self-supervised"] = "full"
+    """What stage 2 trains the learned iterations on: 'full', loss 3 over all acquired k-space (the
+    paper), or 'self-supervised', held-out k-space (SSDU: data consistency on Θ, loss on Λ, stop on Γ;
+    ssdu.py; needs a warm start)."""
+    ssdu_validation_fraction: float = 0.15
+    """Self-supervised: fraction of the acquired samples held out as Γ (only to decide when to stop)."""
+    ssdu_loss_fraction: float = 0.4
+    """Self-supervised: fraction of the rest held out as Λ (the loss) in each split (SSDU's best ρ)."""
+    ssdu_splits: int = 2
+    """Self-supervised: number of (Θ, Λ) draws, each with its own warm start on Θ."""
+    ssdu_validate_every: int = 5
+    """Self-supervised: iterations between evaluations of the held-out loss on Γ."""
+    ssdu_patience: int = 3
+    """Self-supervised: stop after this many evaluations without a lower loss on Γ; the weights of
+    the lowest one are kept (the untrained identity counts: the learned stage cannot make Γ worse)."""
 
 
 @dataclass
@@ -158,7 +173,7 @@ class ReconConfig:
     """Rapid adaptation from a seed (LoRA and fresh spatial hashes)."""
     image_chunk: int = 0
     """Images per chunk in the INR's losses (1 + 2), for memory at full size: MLP1's activations and A's
-    coil images exist for one chunk at a time (recon.inr_losses_chunked); 0: all at once. Same result
+    coil images exist for one chunk at a time (losses.inr_losses_chunked); 0: all at once. Same result
     to float32 rounding, one more forward pass of MLP1; not part of the config hash."""
     log_every: int = 10
     """Record losses (and nRMSE when a reference exists) every n iterations and at the last."""
@@ -250,7 +265,7 @@ def preset(name: str) -> ReconConfig:
         return ReconConfig()
     if name == "small":
         return ReconConfig(
-            # stage 2 is short: after the converged warm start the learned phases change nothing
+            # stage 2 is short: after the converged warm start the learned iterations change nothing
             # measurable (README), and their exact backprop (below) costs ~3× the first-order one
             iters_stage1=400, iters_stage2=50,
             # k held at 23 1/s (spec, Identifiability: with k fixed f is determined; the INR and
@@ -264,26 +279,29 @@ def preset(name: str) -> ReconConfig:
             # (3e-4, 1e-4, 3e-3) gives T1F/f/kF ~3.4/4.2/4.8 % where (1e-3, 3e-4, 1e-2), tuned for
             # the early-stopped descent, gives ~3.9/5.0/5.6 % when converged. `paper` keeps the
             # paper's unroll until it is measured at full size on a GPU.
-            # 4 background-phase steps per map step in the descent (warm-up and learned phases):
+            # 4 background-phase steps per map step in the descent (warm-up and learned iterations):
             # the phase (a majorizer step) is what made the descent slow.
             # Exact (second-order) unrolled backprop: from a converged warm start the first phase's
             # line-searched step is the full Gauss–Newton step, whose map q ↦ q − H⁻¹∇g has a
             # Jacobian ≈ 0 at the minimum; the first-order backprop takes it as the identity, and
             # its wrong gradients drove stage 2 from loss 3 6.8e-4 to 4.0 (T1F 3.4 → 268 %) on
             # cohort B sub-002, at lr 1e-3 and 1e-4 alike. Exact, loss 3 stays at 6.8e-4.
-            unroll=UnrollConfig(phases=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
-                                phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True),
+            # a quadratic polynomial phase per image on top of the shared one (B0 drift between
+            # acquisitions; docs/decisions/011)
+            unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
+                                phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
+                                image_phase_order=2),
             # the warm start converges from the adapted INR as from the scratch one once the adapted
             # stage 1 has fitted the images roughly: with the L-BFGS warm start 60 iterations end
             # within the scratch-vs-scratch noise on cohorts A and B (README); with the earlier
             # descent warm start 50 ended in a false minimum (objective +2.9 %, T1F +2.3 %)
-            adapt=AdaptConfig(lora_rank=4, iters_stage1=60, iters_stage2=25),
+            adapt=AdaptConfig(lora_rank=4, iters_stage1=60, iters_stage2=25, plateau_patience=5),
         )
     if name == "tiny":
         return ReconConfig(
             iters_stage1=30, iters_stage2=10, progress=False,
             inr=INRConfig(hash_images=_small_hash(4, 10), hash_maps=_small_hash(4, 10), mlp_hidden=16, mlp_layers=2),
-            unroll=UnrollConfig(phases=2, unet_width=4, unet_levels=1),
+            unroll=UnrollConfig(iterations=2, unet_width=4, unet_levels=1),
             adapt=AdaptConfig(lora_rank=2, iters_stage1=10, iters_stage2=5),
         )
     raise ValueError(f"unknown preset {name!r} (known: paper, small, tiny)")

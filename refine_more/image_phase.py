@@ -12,7 +12,7 @@ as any other tensor. The basis is orthonormal over the tissue, so the coefficien
 
 The paper's public code takes each image's phase from the INR; here the INR's images give the
 starting estimate (`PhaseModel.estimate`) and the refinement keeps improving it by majorizer
-Gauss–Newton steps (`recon.Problem.phase_step`), like φ₀.
+Gauss–Newton steps (`physics.ScanPhysics.phase_step`), like φ₀.
 """
 from __future__ import annotations
 
@@ -74,9 +74,12 @@ class PhaseModel:
         return torch.cat([background.reshape(-1), coefficients.reshape(-1)])
 
     def unpack(self, z: torch.Tensor):
-        """The nuisance variable → (φ₀ (Z, Y, X), c (T − 1, K) or None)."""
+        """The nuisance variable → (φ₀ (Z, Y, X), c (T − 1, K) or None). With the per-image model, a
+        bare φ₀ (Z, Y, X) is read as φ₀ with no deviations yet (c = 0)."""
         if not self.per_image:
             return z, None
+        if tuple(z.shape) == self.shape:
+            return z, z.new_zeros(self.n_images - 1, self.n_coefficients)
         return z[:self.n_voxels].view(self.shape), z[self.n_voxels:].view(self.n_images - 1, self.n_coefficients)
 
     def deviation(self, coefficients: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ class INR(nn.Module):
 
     def images_from(self, h_space: torch.Tensor, h_time: torch.Tensor) -> torch.Tensor:
         """MLP1 on every (image, voxel) pair of the given features: complex (len(h_time), Z, Y, X).
-        A slice of h_time gives those images alone (`recon.inr_losses` with `image_chunk`)."""
+        A slice of h_time gives those images alone (`losses.inr_losses` with `image_chunk`)."""
         # MLP1's first layer is linear in concat(h1, h2): split it so the (T·N)-row product is a
         # broadcast sum instead of a (T·N, F1+F2) matmul
         first, rest = self.mlp_images[0], self.mlp_images[1:]

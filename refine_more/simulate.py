@@ -212,11 +212,9 @@ def simulate_subject(subject_id: str, config: SimulationConfig, seed: int, templ
     images = model.complex_images(t64(maps["I0"]), t64(maps["T1F"]), t64(maps["f"]), t64(maps["kF"]), t64(b1)).numpy()
     bg_phase = smooth_field(config.matrix, rng, np.array([2.0, 8.0, 8.0]) * max(Y, X) / 48.0, 1.0) + rng.uniform(-np.pi, np.pi)
     images = images * np.exp(1j * bg_phase)[None] * tissue_mask[None]
-    if config.phase_drift:
-        # its own generator, so cohorts without drift stay what they were
-        drift = image_phase_drift(config.matrix, protocol.n_images, tissue_mask, config.phase_drift,
-                                  np.random.default_rng([seed, 0x5EED]))
-        images = images * np.exp(1j * drift)
+    if config.phase_drift:  # its own generator, so cohorts without drift stay what they were
+        images = images * np.exp(1j * image_phase_drift(config.matrix, protocol.n_images, tissue_mask,
+                                                        config.phase_drift, np.random.default_rng([seed, 0x5EED])))
 
     coils = sigpy.mri.birdcage_maps((config.n_coils,) + tuple(config.matrix), r=1.3).astype(np.complex64)
     coils *= np.exp(1j * rng.uniform(-np.pi, np.pi, config.n_coils))[:, None, None, None].astype(np.complex64)

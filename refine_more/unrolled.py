@@ -1,6 +1,6 @@
 """Unrolled proximal gradient descent (paper §2.3, Fig. 1B, eq. 7–10).
 
-Phase k: q̂ = q − α_k ⊙ P⁻¹∇_q g(q, z) (per-map learned step sizes), then q = prox(q̂) with a
+Iteration k: q̂ = q − α_k ⊙ P⁻¹∇_q g(q, z) (per-map learned step sizes), then q = prox(q̂) with a
 shared residual 2-D U-Net applied slice-wise (slices as the batch, the 4 maps as channels).
 
 g is the k-space data consistency through the signal model and the operator (plus an optional
@@ -11,17 +11,17 @@ paper's eq. 8) and optionally refines a nuisance variable z of g that is not a m
 background phase) by its own step before each map step. z is not learned and carries no gradient.
 
 Warm start (`UnrollConfig.warm_start_steps`, a departure from the paper): before the K learned
-phases, M plain descent steps on g along the same (preconditioned) direction, with a monotone
+iterations, M plain descent steps on g along the same (preconditioned) direction, with a monotone
 backtracking step length and no learned parameters (`descend`). The per-voxel Gauss–Newton metric
 ignores aliasing, so a safe step is ~0.5 and four steps cannot get far from the INR's maps (~22 %
 nRMSE). On the data term alone, 16–32 steps reach its early-stopped optimum (T1F ~4 %) and more
-steps over-fit; with the explicit smoothness prior of `DataTerm` (recon.MapDataTerm,
+steps over-fit; with the explicit smoothness prior of `DataTerm` (objective.RefinementObjective,
 priors.MapSmoothness) the objective has a minimum, but the descent creeps towards it along slow
 modes (the prior's coupling between voxels, the background phase) for thousands of steps, so a
 fixed budget stopped it ±1 % T1F apart from different INRs. `warm_start_solver = "lbfgs"`
 (`quasi_newton`) minimises maps and phase jointly by L-BFGS in the Gauss–Newton-whitened
 coordinates and gets near the minimum in 256 iterations (~0.3 % apart from any start). The
-learned phases then polish a converged estimate instead of learning this subject's path to it,
+learned iterations then polish a converged estimate instead of learning this subject's path to it,
 which is what made the U-Net subject-specific (README, adaptation).
 """
 from __future__ import annotations
@@ -55,12 +55,12 @@ class DataTerm(Protocol):
 
 def descend(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, steps: int, grow: float = 1.5):
     """`steps` monotone descent steps on g(q, z) (`term.value`, prior included) from q, without a graph; returns (q, z) with q detached
-    (z is whatever `term.nuisance_step` returns; MapDataTerm's carries no graph either).
+    (z is whatever `term.nuisance_step` returns; RefinementObjective's carries no graph either).
 
     Each step refines z (`term.nuisance_step`), then moves q along `term.direction` (masked by
     `weight`) by the longest of α = min(1, grow·α_prev), α/2, α/4, … that lowers g (down to 1e-3,
     below which q stays put). A trial whose g is not finite counts as no decrease. g never rises
-    through a map step; the nuisance step must not raise it either (MapDataTerm's phase step is
+    through a map step; the nuisance step must not raise it either (RefinementObjective's phase step is
     a majorizer step).
     """
     q, alpha = q.detach(), 1.0 / grow
@@ -109,8 +109,8 @@ def quasi_newton(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, itera
         q_ref, z_ref = q.detach(), (z.detach() if isinstance(z, torch.Tensor) else z)
         maps, nuisance = term.whitening(q_ref, z_ref)
         joint = nuisance is not None and isinstance(z, torch.Tensor)
-        u = torch.zeros_like(q, requires_grad=True)
-        v = torch.zeros_like(z, requires_grad=True) if joint else None
+        u = torch.zeros(q.shape, dtype=q.dtype, device=q.device, requires_grad=True)  # contiguous, whatever q is
+        v = torch.zeros(z.shape, dtype=z.dtype, device=z.device, requires_grad=True) if joint else None
 
         def point():
             step = nuisance(v) if joint else None
@@ -150,7 +150,7 @@ class UnrolledPGD(nn.Module):
         self.unet = UNet2D(channels, config.unet_width, config.unet_levels)
         # α_k,i = step_scale_i · exp(log_step_k,i); step_scale is set by a line search on the first
         # call, so the first step is sensible whatever the maps' units (see _init_step_scale)
-        self.log_step = nn.Parameter(torch.zeros(config.phases, channels))
+        self.log_step = nn.Parameter(torch.zeros(config.iterations, channels))
         self.register_buffer("step_scale", torch.zeros(channels))
 
     def steps(self) -> torch.Tensor:
@@ -158,7 +158,7 @@ class UnrolledPGD(nn.Module):
 
     @torch.no_grad()
     def _init_step_scale(self, q, z, direction, weight, term: DataTerm):
-        """The first phase's step by a one-time line search (the maps' units and the data's
+        """The first iteration's step by a one-time line search (the maps' units and the data's
         conditioning differ between subjects). Plain gradient: per-map scale ||q_i|| / ||∇_i g||
         (every map moves by the same relative amount) times the best relative length.
         Preconditioned: the direction is already in the maps' units (a Gauss–Newton step), so
@@ -180,7 +180,7 @@ class UnrolledPGD(nn.Module):
         self.step_scale.copy_(max(best_rel, 1e-4) * self.config.step_init * per_map)
 
     def warm_start(self, q0: torch.Tensor, term: DataTerm, z0=None, weight: torch.Tensor | None = None):
-        """(q, z) the learned phases start from: q0 itself, or `warm_start_steps` of `descend`
+        """(q, z) the learned iterations start from: q0 itself, or `warm_start_steps` of `descend`
         (detached: no gradient reaches q0 through the warm start)."""
         if not self.config.warm_start_steps:
             return q0, z0
@@ -191,21 +191,21 @@ class UnrolledPGD(nn.Module):
 
     def forward(self, q0: torch.Tensor, term: DataTerm, z0=None,
                 weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
-        """q0 (C, Z, Y, X) map channels → [(q_k, z_k)] after each of the K learned phases
-        (`warm_start`, then `learned_phases`).
+        """q0 (C, Z, Y, X) map channels → [(q_k, z_k)] after each of the K learned iterations
+        (`warm_start`, then `learned_iterations`).
 
         `weight` (Z, Y, X) restricts where maps are updated (the tissue mask); outside it they
         keep their input values, which the signal model then ignores.
         """
         q, z = self.warm_start(q0, term, z0, weight)
-        return self.learned_phases(q, term, z, weight)
+        return self.learned_iterations(q, term, z, weight)
 
-    def learned_phases(self, q: torch.Tensor, term: DataTerm, z=None,
+    def learned_iterations(self, q: torch.Tensor, term: DataTerm, z=None,
                        weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
-        """The K learned phases from (q, z), without the warm start."""
+        """The K learned iterations from (q, z), without the warm start."""
         weight = torch.ones_like(q[0]) if weight is None else weight.to(q.dtype)
         outputs = []
-        for k in range(self.config.phases):
+        for k in range(self.config.iterations):
             z = term.nuisance_step(q.detach(), z)
             with torch.enable_grad():
                 q_in = q if q.requires_grad else q.detach().requires_grad_()

@@ -9,8 +9,8 @@ PACKAGES = ("refine_more", "cohort")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # Over the limits today, with who brings them under it (docs/conventions.md): nothing else may join.
-KNOWN_LARGE_MODULES = {"refine_more/recon.py", "refine_more/encoding.py"}
-KNOWN_LONG_FUNCTIONS = {"refine_more/recon.py::reconstruct"}
+KNOWN_LARGE_MODULES = {"refine_more/encoding.py"}
+KNOWN_LONG_FUNCTIONS: set = set()
 
 
 def _modules() -> dict:

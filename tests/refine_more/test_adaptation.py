@@ -104,7 +104,7 @@ def test_adapted_run_keeps_frozen_tensors(seed_run):
     spatial = inr.hash_images.params.numel() + inr.hash_maps.params.numel()
     spatial += sum(p.numel() for p in inr.mlp_images.parameters())  # adapt.train_image_mlp (default)
     lora = sum(p.numel() for n, p in adapted.state["unrolled"].unet.named_parameters() if "lora_" in n)
-    assert adapted.trainable_parameters == {"stage1": spatial, "stage2": spatial + lora + cfg.unroll.phases * 4}
+    assert adapted.trainable_parameters == {"stage1": spatial, "stage2": spatial + lora + cfg.unroll.iterations * 4}
     assert all(np.isfinite(v).all() for v in adapted.maps.values())
 
 

@@ -47,9 +47,9 @@ def test_a_toml_file_with_a_string_number_fails_at_load(tmp_path):
 
 def test_one_loader_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("preset: tiny\niters_stage1: 7\nunroll:\n  phases: 3\n")
+    path.write_text("preset: tiny\niters_stage1: 7\nunroll:\n  iterations: 3\n")
     cfg = load_config(path, "small", ["iters_stage1=9", "adapt.lr=3e-3"])
-    assert (cfg.iters_stage1, cfg.unroll.phases, cfg.adapt.lr) == (9, 3, 3e-3)
+    assert (cfg.iters_stage1, cfg.unroll.iterations, cfg.adapt.lr) == (9, 3, 3e-3)
     assert cfg.inr == preset("tiny").inr                      # the file's preset, not the argument's
     assert load_config(None, "tiny", ["device=cpu"]).device == "cpu"
     with pytest.raises(ValueError, match="expected one of"):

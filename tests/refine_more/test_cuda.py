@@ -100,7 +100,8 @@ def test_blocked_precompute_and_chunked_losses_on_cuda(subjects):
     CSC → CSR conversion) equal the CPU's, and the INR's losses over chunks of images equal the
     whole (losses and gradients)."""
     from refine_more.inr import INR
-    from refine_more.recon import Problem, inr_losses, inr_losses_chunked
+    from refine_more.losses import inr_losses, inr_losses_chunked
+    from refine_more.physics import ScanPhysics as Problem
 
     cfg = HashEncodingConfig(n_levels=8, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
                              per_level_scale=1.7)

@@ -6,7 +6,8 @@ import torch
 
 from refine_more.config import preset
 from refine_more.image_phase import PhaseModel, polynomial_basis
-from refine_more.recon import MapDataTerm, Problem
+from refine_more.objective import RefinementObjective as MapDataTerm
+from refine_more.physics import ScanPhysics as Problem
 from refine_more.simulate import SimulationConfig, image_phase_drift, simulate_subject
 from refine_more.unrolled import quasi_newton
 

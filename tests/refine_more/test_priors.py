@@ -11,7 +11,8 @@ import torch
 from refine_more.config import ReconConfig, preset
 from refine_more.inr import MapScaling
 from refine_more.priors import MapSmoothness
-from refine_more.recon import MapDataTerm, Problem
+from refine_more.objective import RefinementObjective as MapDataTerm
+from refine_more.physics import ScanPhysics as Problem
 from refine_more.simulate import SimulationConfig, simulate_subject
 from refine_more.unrolled import descend
 

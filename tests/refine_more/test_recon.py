@@ -59,9 +59,9 @@ def test_deterministic_with_seed(subject, result):
 
 def test_config_file_overrides_and_hash(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('preset = "tiny"\niters_stage1 = 7\n[unroll]\nphases = 3\n')
+    path.write_text('preset = "tiny"\niters_stage1 = 7\n[unroll]\niterations = 3\n')
     cfg = load_config(path)
-    assert cfg.iters_stage1 == 7 and cfg.unroll.phases == 3 and cfg.inr.mlp_hidden == preset("tiny").inr.mlp_hidden
+    assert cfg.iters_stage1 == 7 and cfg.unroll.iterations == 3 and cfg.inr.mlp_hidden == preset("tiny").inr.mlp_hidden
     assert cfg.hash() != preset("tiny").hash()
     assert ReconConfig.from_dict(cfg.to_dict()).hash() == cfg.hash()
     yml = tmp_path / "c.yaml"
@@ -80,8 +80,8 @@ def test_command_line_overrides():
     assert cfg.unroll.warm_start_steps == 8 and cfg.k_band == (22.0, 24.0) and cfg.adapt.lr == 3e-3 and cfg.device == "cpu"
     assert base.unroll.warm_start_steps == 0 and cfg.inr == base.inr  # a copy; the rest unchanged
     # a table is merged, not replaced
-    merged = apply_overrides(preset("small"), ['unroll={"phases": 2}'])
-    assert merged.unroll.phases == 2 and merged.unroll.unet_width == 8 and merged.unroll.warm_start_steps == preset("small").unroll.warm_start_steps
+    merged = apply_overrides(preset("small"), ['unroll={"iterations": 2}'])
+    assert merged.unroll.iterations == 2 and merged.unroll.unet_width == 8 and merged.unroll.warm_start_steps == preset("small").unroll.warm_start_steps
     for bad, match in (("unroll.warmstart=3", "unknown key 'warmstart'"), ("lr", "key=value"),
                        ("iters_stage1.x=1", "not a table"), ("unroll.warm_start_steps=3.5", "expected int"),
                        ("unroll.warm_start_steps=true", "expected int"), ("k_band=22", "expected list"),
@@ -122,7 +122,7 @@ def test_without_coil_maps_b1_or_tissue_mask(tmp_path):
 
 
 def test_warm_start_trains_only_the_refinement_in_stage_2(subject):
-    """With `unroll.warm_start_steps` the learned phases start from a detached warm start, so
+    """With `unroll.warm_start_steps` the learned iterations start from a detached warm start, so
     stage 2 trains the refinement alone: the INR leaves stage 2 exactly as stage 1 left it, only
     the refinement's parameters count as trainable (also when stage 2 has no iterations), and the
     refinement does train."""
@@ -198,7 +198,8 @@ def test_chunked_inr_losses_match_the_whole(subject, chunk):
     import torch
 
     from refine_more.inr import INR
-    from refine_more.recon import Problem, inr_losses, inr_losses_chunked
+    from refine_more.losses import inr_losses, inr_losses_chunked
+    from refine_more.physics import ScanPhysics as Problem
 
     cfg = preset("tiny")
     prob = Problem(subject, cfg, torch.device("cpu"))
@@ -244,7 +245,7 @@ def test_chunked_reconstruction_end_to_end(subject, result):
 def test_total_variation_shares_of_chunks_add_up_to_the_whole():
     import torch
 
-    from refine_more.recon import total_variation
+    from refine_more.losses import total_variation
     x = torch.randn(7, 3, 5, 6, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
     parts = sum(total_variation(x[t0:t0 + 3], n_images=7) for t0 in range(0, 7, 3))
     torch.testing.assert_close(parts, total_variation(x), rtol=1e-12, atol=0)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from refine_more.config import preset
-from refine_more.recon import MapDataTerm, Problem
+from refine_more.objective import RefinementObjective as MapDataTerm
+from refine_more.physics import ScanPhysics as Problem
 from refine_more.simulate import SimulationConfig, simulate_subject
 from refine_more.unrolled import UnrolledPGD
 
@@ -115,7 +116,7 @@ def test_unrolled_descent_gauss_newton_against_plain_gradient():
     for preconditioner in ("gauss-newton", "none"):
         cfg = preset("tiny")
         cfg.unroll.preconditioner = preconditioner
-        cfg.unroll.phases = 3
+        cfg.unroll.iterations = 3
         prob = Problem(subject, cfg, torch.device("cpu"))
         term = MapDataTerm(prob, cfg.unroll)
         truth = _true_channels(prob, subject.reference)
@@ -181,7 +182,7 @@ def _smoothly_perturbed(prob, subject, amplitude=0.3):
 
 def test_warm_start_descent_is_monotone_and_recovers_the_maps():
     """`descend` never raises g (backtracking), and enough steps undo most of a smooth map error;
-    the unroll's forward is exactly its learned phases applied to the warm start, which is
+    the unroll's forward is exactly its learned iterations applied to the warm start, which is
     detached (no gradient reaches the INR through it)."""
     from refine_more.metrics import nrmse
     from refine_more.unrolled import descend
@@ -216,7 +217,7 @@ def test_warm_start_descent_is_monotone_and_recovers_the_maps():
     torch.testing.assert_close(start[0], expected, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(unrolled(q0, term, phi0, prob.tissue)[-1][0],
-                                   unrolled.learned_phases(start[0], term, start[1], prob.tissue)[-1][0], rtol=0, atol=0)
+                                   unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1][0], rtol=0, atol=0)
     for bad in (-1, 2.5, True):
         cfg.unroll.warm_start_steps = bad
         with pytest.raises(ValueError, match="warm_start_steps"):
@@ -314,6 +315,7 @@ def test_lbfgs_warm_start_converges_to_one_minimum_from_different_starts():
     from refine_more.unrolled import descend, quasi_newton
     subject = _subject(acceleration=4.0, matrix=(2, 16, 16), snr=300)
     cfg = preset("small")
+    cfg.unroll.image_phase_order = -1  # one shared phase: this subject has no per-image drift
     prob = Problem(subject, cfg, torch.device("cpu"))
     term = MapDataTerm(prob, cfg.unroll)
     assert term.prior is not None and cfg.unroll.warm_start_solver == "lbfgs"
