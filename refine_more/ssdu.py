@@ -68,20 +68,22 @@ def train_self_supervised(run) -> torch.Tensor:
         objective, start, held = splits[it % len(splits)]
         opt.zero_grad(set_to_none=True)
         loss = held_out_loss(run.unrolled, start, objective, held, prob.tissue)
+        if not torch.isfinite(loss):  # the weights are wrecked: stop, the best ones are restored below
+            break
         loss.backward()
         opt.step()
         run.bar.update(1)
         run.bar.set_postfix(stage=2, heldout=f"{loss.item():.4g}", best=f"{best:.4g}")
         if (it + 1) % cfg.ssdu_validate_every == 0 or it == s["n2"] - 1:
             value = score()
+            if not value < best:  # NaN included
+                since_best += 1
+                if since_best >= cfg.ssdu_patience or value != value:
+                    break
+                continue
             run.log(2, it, s["n2"], {"loss3": loss.detach(), "loss_validation": torch.tensor(value)},
                     rest_start[0])
-            if value < best:
-                best, best_state, since_best = value, copy.deepcopy(run.unrolled.state_dict()), 0
-            else:
-                since_best += 1
-                if since_best >= cfg.ssdu_patience:
-                    break
+            best, best_state, since_best = value, copy.deepcopy(run.unrolled.state_dict()), 0
     run.done["stage2"] = it + 1
     run.unrolled.load_state_dict(best_state)
     with torch.no_grad():
