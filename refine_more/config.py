@@ -286,11 +286,11 @@ def preset(name: str) -> ReconConfig:
             # Jacobian ≈ 0 at the minimum; the first-order backprop takes it as the identity, and
             # its wrong gradients drove stage 2 from loss 3 6.8e-4 to 4.0 (T1F 3.4 → 268 %) on
             # cohort B sub-002, at lr 1e-3 and 1e-4 alike. Exact, loss 3 stays at 6.8e-4.
-            # a quadratic polynomial phase per image on top of the shared one (B0 drift between
+            # a quartic polynomial phase per image on top of the shared one (B0 drift between
             # acquisitions; docs/decisions/011)
             unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
                                 phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
-                                image_phase_order=2),
+                                image_phase_order=4),
             # the warm start converges from the adapted INR as from the scratch one once the adapted
             # stage 1 has fitted the images roughly: with the L-BFGS warm start 60 iterations end
             # within the scratch-vs-scratch noise on cohorts A and B (README); with the earlier

@@ -202,7 +202,13 @@ class ScanPhysics:
         trace = M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         M = M + (damping * trace)[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
         step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
-        return self.phase_model.pack(phi0, coefficients - step)
+        # the K×K bound majorizes only the Gauss–Newton part: keep the step only where it lowers g
+        before = float(self.physics_consistency(channels, z))
+        for scale in (1.0, 0.5, 0.25):
+            trial = self.phase_model.pack(phi0, coefficients - scale * step)
+            if float(self.physics_consistency(channels, trial)) < before:
+                return trial
+        return z
 
     def _phase_gradient(self, mag: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
         """∂g/∂φ_t per image and voxel, (T, Z, Y, X), for signal magnitudes `mag`."""
