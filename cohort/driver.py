@@ -228,6 +228,14 @@ def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, pro
     return entries, plan, seed_dict
 
 
+def _clear_killed_writes(out_dir: Path) -> None:
+    """Remove the temporaries of cohort files (results, summary, config) a killed driver left
+    half-written (SIGKILL skips atomic_path's clean-up); subject folders clear their own."""
+    for stale in out_dir.glob(".*.tmp*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
 def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address: Optional[str] = None,
                gpus_per_task: Optional[float] = None, cpus_per_task: float = 1, tracking_uri: Optional[str] = None,
                experiment: str = "refine-more-cohort", tracking: bool = True, force: bool = False,
@@ -245,6 +253,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
     config_hash = config.hash()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_killed_writes(out_dir)
     t_start = time.time()
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
     external, seed_path = None, None

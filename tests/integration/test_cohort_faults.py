@@ -131,6 +131,7 @@ def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, r
     todo = subject_dir(out, next(f"sub-{i:03d}" for i in range(1, 5) if f"sub-{i:03d}" not in done_before), "scratch")
     todo.mkdir(parents=True, exist_ok=True)
     (todo / ".maps.killed.tmp.h5").write_bytes(b"half")
+    (out / ".results.killed.tmp.parquet").write_bytes(b"half")    # the driver's own files too
     from refine_more.config import load_config
     rerun = run_cohort(sim_cohort, out, mode="scratch", config=load_config(cfg), progress=False, tracking=False,
                        log=lambda *a: None)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-ismrmrd = pytest.importorskip("ismrmrd")
+import ismrmrd  # a main dependency: a missing one must fail, not skip
 
 from ismrmrd import xsd  # noqa: E402
 
