@@ -189,11 +189,11 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     params = [p for p in run.params["stage2"] if id(p) in ids]
     run.params["stage2"] = params
     start = None
-    if s["n2"]:
-        t = time.perf_counter()
-        start = classical_minimum(run)
-        run.timings["warm_start"] = time.perf_counter() - t
+    t = time.perf_counter()
     W, c0, loss1, loss2 = run.inr_state(backward=False)
+    if s["n2"]:
+        start = classical_minimum(run, inr_state=(W, c0))
+        run.timings["warm_start"] = time.perf_counter() - t
     opt = torch.optim.Adam(params, lr=s["lr2"])
     totals, it = [], -1
     for it in range(s["n2"]):

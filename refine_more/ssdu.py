@@ -44,14 +44,15 @@ def train_self_supervised(run) -> torch.Tensor:
         restricted = prob.restricted(mask)
         return restricted, RefinementObjective(restricted, cfg)
 
+    state = run.inr_state(backward=False)[:2]      # the stage-1 INR is fixed: one forward for all
     splits = []
     for theta, lam in part.splits:
         _, objective = objective_on(theta)
-        splits.append((objective, classical_minimum(run, objective), prob.restricted(lam)))
+        splits.append((objective, classical_minimum(run, objective, state), prob.restricted(lam)))
     _, rest_objective = objective_on(part.rest)
-    rest_start = classical_minimum(run, rest_objective)
+    rest_start = classical_minimum(run, rest_objective, state)
     validation = prob.restricted(part.validation)
-    full_start = classical_minimum(run, run.objective)
+    full_start = classical_minimum(run, run.objective, state)
     run.timings["warm_start"] = time.perf_counter() - t
 
     ids = {id(p) for p in run.unrolled.parameters()}
