@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from .sync_cli import add_sync
+
 MODE_HELP = ("scratch: every subject from scratch. adapted: the seed (role 'seed', else the first valid "
              "row) from scratch (a 'scratch' row marked is_seed), then every subject, the seed included, "
              "adapted from it. both: every subject from scratch (the seed's run is the seed) and every "
@@ -58,6 +60,7 @@ def _run(args) -> int:
     from refine_more.config import load_config
 
     from .driver import run_cohort
+    from .guards import RunRefused
     from .manifest import ManifestError
     from .seed_source import SeedSourceError
 
@@ -78,7 +81,7 @@ def _run(args) -> int:
                             tracking_uri=args.tracking_uri, experiment=args.experiment,
                             tracking=not args.no_tracking, force=args.force, max_retries=args.max_retries,
                             num_cpus=args.num_cpus, progress=not args.no_progress, seed_from=args.seed_from)
-    except (ManifestError, SeedSourceError) as exc:
+    except (ManifestError, SeedSourceError, RunRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.bids:
@@ -104,12 +107,14 @@ def _demo(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """``cohort`` (with ``run``) and ``demo``."""
+    """``cohort`` (with ``run`` and ``sync-mlflow``) and ``demo``."""
     from refine_more.config import PRESETS
 
     c = sub.add_parser("cohort", help="cohort reconstruction on Ray (see `refine-more cohort run -h`)",
                        description="Reconstruct a cohort on a Ray cluster.")
-    _add_run(c.add_subparsers(dest="cohort_command", required=True))
+    cs = c.add_subparsers(dest="cohort_command", required=True)
+    _add_run(cs)
+    add_sync(cs)
     d = sub.add_parser("demo", help="main job: simulate a small cohort and reconstruct it on a local Ray (adapted and scratch)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--subjects", type=int, default=4)
@@ -123,7 +128,9 @@ def add_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """``refine-more cohort`` alone (``python -m cohort``)."""
     p = argparse.ArgumentParser(prog="refine-more cohort", description="Reconstruct a cohort on a Ray cluster.")
-    _add_run(p.add_subparsers(dest="command", required=True))
+    ps = p.add_subparsers(dest="command", required=True)
+    _add_run(ps)
+    add_sync(ps)
     return p
 
 

@@ -13,7 +13,9 @@ The state is checked against this run's config (``SeedState.check_compatible``, 
 """
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -59,7 +61,8 @@ def _from_mlflow(run_id: str, tracking_uri: Optional[str], dst: str) -> Path:
 
 def resolve_seed_from(spec: str, config, tracking_uri: Optional[str] = None):
     """``(numpy dict for ray.put, seed subject id, path of the state file read)``; raises
-    :class:`SeedSourceError`. A downloaded file is copied beside nothing: its path is temporary."""
+    :class:`SeedSourceError`. A downloaded file lives in a temporary folder until this process
+    ends (the run logs it as its own artifact at the end) or at once when it is unusable."""
     from refine_more.adaptation import SeedState, SeedStateError
 
     spec = str(spec)
@@ -70,12 +73,16 @@ def resolve_seed_from(spec: str, config, tracking_uri: Optional[str] = None):
     elif spec.startswith("runs:/") or _RUN_ID.match(spec):
         run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
         tmp = tempfile.mkdtemp(prefix="seed-from-")
-        state_path = _from_mlflow(run_id, tracking_uri, tmp)
+        atexit.register(shutil.rmtree, tmp, True)
     else:
         raise SeedSourceError(f"--seed-from {spec}: neither a file, a folder, nor an MLflow run (runs:/<id>)")
     try:
+        if tmp:
+            state_path = _from_mlflow(run_id, tracking_uri, tmp)
         state = SeedState.load(state_path)
         state.check_compatible(config)
-    except SeedStateError as exc:
-        raise SeedSourceError(f"--seed-from {spec}: {exc}") from None
+    except (SeedStateError, SeedSourceError) as exc:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SeedSourceError(f"--seed-from {spec}: {exc}" if isinstance(exc, SeedStateError) else str(exc)) from None
     return state.to_numpy_dict(), str(state.meta.get("seed_subject") or "external-seed"), state_path
