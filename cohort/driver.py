@@ -289,6 +289,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         scheduler.start(seed_dict)
         del seed_dict
         rows = scheduler.run()
+        tracker.log_unrecorded(rows)        # invalid files, subjects failed with their seed, resumed rows
         tracker.log_seed_state(seed_path or (subject_dir(out_dir, plan.seed_id, "scratch") / SEED_STATE_FILE
                                              if plan.seed_id else None))
         _finish(report, tracker, rows, out_dir, mode, len(entries), t_start, log)

@@ -37,7 +37,7 @@ COLUMNS = [
     "iterations_stage2", "trainable_stage1", "trainable_stage2",
     "loss_final", "loss1_final", "loss2_final", "loss3_final",
     *[f"{m}_{p}" for p in MAP_NAMES for m in ("nrmse", "ssim")],
-    "mlflow_run_id", "config_hash", "subject_path", "out_dir", "maps_path", "montage_path",
+    "mlflow_run_id", "tracking", "config_hash", "subject_path", "out_dir", "maps_path", "montage_path",
     "loss_png_path", "history_path", "started_at", "finished_at",
 ]
 
@@ -115,7 +115,7 @@ def rows_frame(rows: list):
            or c.endswith("_final") or c in ("started_at", "finished_at"))]
     for c in num:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    for c in ("error", "mlflow_run_id", "node", "device", "method", "seed_subject", "config_hash"):
+    for c in ("error", "mlflow_run_id", "tracking", "node", "device", "method", "seed_subject", "config_hash"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     order = {m: i for i, m in enumerate(MODES)}
     df["_o"] = df["mode"].map(order)
