@@ -86,7 +86,8 @@ class INR(nn.Module):
         super().__init__()
         self.n_images, self.shape, self.config = n_images, tuple(shape), config
         backend = config.hash_backend
-        self.hash_time = HashEncoding(1, config.hash_time, backend=backend, seed=seed + 1)      # hash 1
+        self.hash_time = HashEncoding(config.time_input_dims, config.hash_time, backend=backend,
+                                      seed=seed + 1)                                            # hash 1
         self.hash_images = HashEncoding(3, config.hash_images, backend=backend, seed=seed + 2)  # hash 2
         self.hash_maps = HashEncoding(3, config.hash_maps, backend=backend, seed=seed + 3)      # hash 3
         self.mlp_images = mlp(self.hash_time.n_output_dims + self.hash_images.n_output_dims, 2,
@@ -114,6 +115,8 @@ class INR(nn.Module):
         if self._points is None or self._points[0] != device:
             xyz = grid_coordinates(self.shape, device)
             t = ((torch.arange(self.n_images, dtype=torch.float32, device=device) + 0.5) / self.n_images)[:, None]
+            # (t, 0, …): the public code's 2-D hash 1 on a line (see INRConfig.time_input_dims)
+            t = torch.cat([t, t.new_zeros(self.n_images, self.config.time_input_dims - 1)], dim=1)
             use_tcnn = device.type == "cuda" and tcnn_available() and self.config.hash_backend in ("auto", "tcnn")
             if use_tcnn:
                 pts = (xyz, t, xyz)

@@ -20,9 +20,11 @@ def _double_conv(c_in, c_out):
 
 
 class UNet2D(nn.Module):
-    """`levels` 2× downsamplings; channels width·2^l; the paper's 4 levels at width 32 ≈ 7.8 M parameters."""
+    """`levels` 2× downsamplings; channels width·2^l; the paper's 4 levels at width 32 ≈ 7.8 M parameters.
+    `out_kernel`: size of the last convolution (the public code's is 3×3; with 3 channels that
+    gives the paper's LoRA count, 517,600 at rank 16)."""
 
-    def __init__(self, channels: int = 4, width: int = 32, levels: int = 4):
+    def __init__(self, channels: int = 4, width: int = 32, levels: int = 4, out_kernel: int = 1):
         super().__init__()
         self.levels = levels
         widths = [width * 2**l for l in range(levels + 1)]
@@ -30,7 +32,7 @@ class UNet2D(nn.Module):
         self.bottom = _double_conv(widths[levels - 1] if levels else channels, widths[levels])
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(levels))])
         self.dec = nn.ModuleList([_double_conv(2 * widths[l], widths[l]) for l in reversed(range(levels))])
-        self.out = nn.Conv2d(widths[0], channels, 1)
+        self.out = nn.Conv2d(widths[0], channels, out_kernel, padding=out_kernel // 2)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

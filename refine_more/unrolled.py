@@ -140,14 +140,18 @@ def quasi_newton(term: DataTerm, q: torch.Tensor, z, weight: torch.Tensor, itera
 
 
 class UnrolledPGD(nn.Module):
-    def __init__(self, config: UnrollConfig, channels: int = 4):
+    """The K learned iterations. With ``config.refine_k`` off (the paper's code: 3 refined maps),
+    the k channel passes through unchanged: no data step, not a U-Net channel."""
+
+    def __init__(self, config: UnrollConfig):
         super().__init__()
+        channels = 4 if config.refine_k else 3
         if isinstance(config.warm_start_steps, bool) or not isinstance(config.warm_start_steps, int) or config.warm_start_steps < 0:
             raise ValueError(f"unroll.warm_start_steps must be ≥ 0, got {config.warm_start_steps!r}")
         if config.warm_start_solver not in ("descent", "lbfgs"):
             raise ValueError(f"unroll.warm_start_solver must be 'descent' or 'lbfgs', got {config.warm_start_solver!r}")
         self.config = config
-        self.unet = UNet2D(channels, config.unet_width, config.unet_levels)
+        self.unet = UNet2D(channels, config.unet_width, config.unet_levels, config.unet_out_kernel)
         # α_k,i = step_scale_i · exp(log_step_k,i); step_scale is set by a line search on the first
         # call, so the first step is sensible whatever the maps' units (see _init_step_scale)
         self.log_step = nn.Parameter(torch.zeros(config.iterations, channels))
@@ -162,7 +166,10 @@ class UnrolledPGD(nn.Module):
         conditioning differ between subjects). Plain gradient: per-map scale ||q_i|| / ||∇_i g||
         (every map moves by the same relative amount) times the best relative length.
         Preconditioned: the direction is already in the maps' units (a Gauss–Newton step), so
-        only its length is searched, from the full step down."""
+        only its length is searched, from the full step down. Channels past the refined ones
+        (k, when not refined) do not move."""
+        n = self.step_scale.shape[0]
+        direction = torch.cat([direction[:n], torch.zeros_like(direction[n:])], dim=0)
         if term.preconditioned:
             per_map = torch.ones(q.shape[0], dtype=q.dtype, device=q.device)
             candidates = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
@@ -170,14 +177,14 @@ class UnrolledPGD(nn.Module):
             dims = tuple(range(1, q.dim()))
             qn = (q * weight).pow(2).sum(dims).sqrt().clamp_min(1e-3)
             gn = (direction * weight).pow(2).sum(dims).sqrt().clamp_min(1e-12)
-            per_map = qn / gn
+            per_map = qn / gn                       # the pass-through channels' direction is 0
             candidates = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
         best, best_rel = float(term.value(q, z)), 0.0
         for rel in candidates:
             value = float(term.value(q - (rel * per_map).view(-1, 1, 1, 1) * direction * weight, z))
             if value < best:
                 best, best_rel = value, rel
-        self.step_scale.copy_(max(best_rel, 1e-4) * self.config.step_init * per_map)
+        self.step_scale.copy_(max(best_rel, 1e-4) * self.config.step_init * per_map[:n])
 
     def warm_start(self, q0: torch.Tensor, term: DataTerm, z0=None, weight: torch.Tensor | None = None):
         """(q, z) the learned iterations start from: q0 itself, or `warm_start_steps` of `descend`
@@ -214,10 +221,11 @@ class UnrolledPGD(nn.Module):
             if not self.config.create_graph:
                 grad = grad.detach()
             direction = term.direction(q.detach(), z, grad)
+            n = self.step_scale.shape[0]            # refined channels; the rest (k) pass through
             if float(self.step_scale.abs().sum()) == 0.0:
                 self._init_step_scale(q.detach(), z, direction.detach(), weight, term)
-            q_hat = q - self.steps()[k].view(-1, 1, 1, 1) * direction * weight
+            q_hat = q[:n] - self.steps()[k].view(-1, 1, 1, 1) * direction[:n] * weight
             refined = self.unet(q_hat.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
-            q = weight * refined + (1 - weight) * q_hat
+            q = torch.cat([weight * refined + (1 - weight) * q_hat, q[n:]], dim=0)
             outputs.append((q, z))
         return outputs

@@ -40,9 +40,12 @@ def test_lora_merge_matches_and_counts():
 
 def test_paper_width_counts():
     unet = UNet2D(4, 32, 4)
-    assert count_parameters(unet) == 7_760_484  # paper: ~7.8 M
-    adapted = add_lora(copy.deepcopy(unet), rank=preset("paper").adapt.lora_rank)
-    assert count_parameters(adapted, trainable_only=True) == 513_664  # paper: ~0.5 M
+    assert count_parameters(unet) == 7_760_484  # 4 refined maps, 1×1 out convolution
+    adapted = add_lora(copy.deepcopy(unet), rank=16)
+    assert count_parameters(adapted, trainable_only=True) == 513_664
+    # the paper's code: 3 refined maps, 3×3 out convolution: its 517,600 LoRA factors exactly
+    paper = UNet2D(3, 32, 4, out_kernel=3)
+    assert count_parameters(add_lora(copy.deepcopy(paper), rank=16), trainable_only=True) == 517_600
 
 
 @pytest.fixture(scope="module")
