@@ -60,6 +60,7 @@ def _run(args) -> int:
     from refine_more.config import load_config
 
     from .driver import run_cohort
+    from .guards import RunRefused
     from .manifest import ManifestError
     from .seed_source import SeedSourceError
 
@@ -80,7 +81,7 @@ def _run(args) -> int:
                             tracking_uri=args.tracking_uri, experiment=args.experiment,
                             tracking=not args.no_tracking, force=args.force, max_retries=args.max_retries,
                             num_cpus=args.num_cpus, progress=not args.no_progress, seed_from=args.seed_from)
-    except (ManifestError, SeedSourceError) as exc:
+    except (ManifestError, SeedSourceError, RunRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.bids:

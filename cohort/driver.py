@@ -19,62 +19,26 @@ What is written where: :mod:`cohort.results`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 from . import plots
+from .guards import LOCK_FILE, output_lock
 from .manifest import file_sha256, read_manifest, validate_entries
 from .plan import CohortPlan, plan_cohort
+from .ray_cluster import check_num_cpus, connect_ray, task_error, task_resources
 from .results import (CONFIG_FILE, RESULTS_FILE, SEED_STATE_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport,
                       failed_row, format_summary, read_done, rows_frame, subject_dir, summarize,
                       summary_metrics, write_json, write_results)
+from .resume import check_done
 from .subject_run import load_seed_state_dict
 
 
-def connect_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log=print) -> bool:
-    """Join ``address`` (or ``RAY_ADDRESS``); else start a local Ray. True when this call started
-    (and so should shut down) Ray. Token authentication stays as Ray's default (on for a local
-    cluster): it is never disabled here."""
-    import ray
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" always starts a fresh cluster (never attaches to another one on this machine)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
-    return True
-
-
-def _task_error(exc) -> str:
-    import ray
-    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
-    if cause is not None and not isinstance(cause, ray.exceptions.RayTaskError):
-        msg = f"{type(cause).__name__}: {cause}"
-    else:
-        msg = f"{type(exc).__name__}: {exc}"
-    return msg.strip()[:4000]
-
-
-def _resources(gpus_per_task: Optional[float], cpus_per_task: float, log) -> dict:
-    """The cluster's resources and the GPUs per task (none on a cluster without GPUs)."""
-    import ray
-    resources, n_gpu = {}, 0.0
-    if ray.is_initialized():
-        cres = ray.cluster_resources()
-        n_gpu = float(cres.get("GPU", 0))
-        resources = {"CPU": float(cres.get("CPU", 0)), "GPU": n_gpu,
-                     "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))}
-    gpus = (1.0 if n_gpu > 0 else 0.0) if gpus_per_task is None else float(gpus_per_task)
-    if gpus > 0 and n_gpu <= 0:
-        warnings.warn(f"--gpus-per-task {gpus:g} but the Ray cluster has no GPUs: running on CPU")
-        log(f"warning: --gpus-per-task {gpus:g} but the Ray cluster has no GPUs: running on CPU")
-        gpus = 0.0
-    return {**resources, "gpus_per_task": gpus, "cpus_per_task": float(cpus_per_task)}
+#: seeds tried after the first one fails (each a scratch run, one after another)
+MAX_SEED_FALLBACKS = 2
 
 
 class _Scheduler:
@@ -85,6 +49,8 @@ class _Scheduler:
         self.plan, self.out_dir, self.task_cfg, self.opts = plan, out_dir, task_cfg, opts
         self.tracker, self.report, self.config_hash, self.lora_rank, self.log = tracker, report, config_hash, lora_rank, log
         self.rows = dict(plan.rows)
+        self.seed_id = plan.seed_id      # the seed now: a failed seed falls back to the next valid subject
+        self.deferred_seed = None        # a fallback seed whose own scratch task must end first
         self.pending: dict = {}          # ObjectRef -> (kind, entry, mode)
         self.seed_ref = None
         self.waiting: list = []          # adapted (entry, mode) waiting for the seed state
@@ -93,14 +59,20 @@ class _Scheduler:
         self.bar = tqdm(total=plan.n_tasks, desc="cohort", unit="recon", disable=not progress)
 
     def _seed_of(self, m: str) -> Optional[str]:
-        return self.plan.seed_id if m == "adapted" else None
+        return self.seed_id if m == "adapted" else None
 
     def submit(self, e, m: str):
         from . import tasks
         ref = tasks.subject_task.options(**self.opts).remote(
             e.path, str(self.out_dir), m, self.task_cfg, self.seed_ref if m == "adapted" else None,
-            subject_id=e.subject_id, is_seed=e.subject_id == self.plan.seed_id, seed_subject=self._seed_of(m))
+            subject_id=e.subject_id, is_seed=e.subject_id == self.seed_id, seed_subject=self._seed_of(m))
         self.pending[ref] = ("subject", e, m)
+
+    def submit_seed(self, e):
+        from . import tasks
+        ref = tasks.seed_task.options(**self.opts).remote(e.path, str(self.out_dir), self.task_cfg,
+                                                          subject_id=e.subject_id)
+        self.pending[ref] = ("seed", e, "scratch")
 
     def put_seed_state(self, d):
         import ray
@@ -108,12 +80,9 @@ class _Scheduler:
         self.report.seed_puts += 1
 
     def start(self, seed_dict=None):
-        from . import tasks
         plan = self.plan
         if plan.seed_todo:
-            ref = tasks.seed_task.options(**self.opts).remote(plan.seed.path, str(self.out_dir), self.task_cfg,
-                                                              subject_id=plan.seed_id)
-            self.pending[ref] = ("seed", plan.seed, "scratch")
+            self.submit_seed(plan.seed)
         elif seed_dict is not None:
             self.put_seed_state(seed_dict)
         for e, m in plan.todo:
@@ -122,16 +91,39 @@ class _Scheduler:
             else:
                 self.waiting.append((e, m))
 
+    def _fall_back(self, row: dict) -> bool:
+        """After a failed seed run: the next valid subject (manifest order) becomes the seed, at most
+        MAX_SEED_FALLBACKS times (a config that fails every subject should not run them all
+        serially). False when nothing waits for a seed or none is left."""
+        error = (row.get("error") or "").strip().splitlines()[:1]
+        self.report.seed_failures.append({"seed": self.seed_id, "error": error[0] if error else ""})
+        tried = {f["seed"] for f in self.report.seed_failures}
+        nxt = next((e for e in self.plan.fallbacks if e.subject_id not in tried), None)
+        if nxt is None or not self.waiting or len(tried) > MAX_SEED_FALLBACKS:
+            return False
+        self.log(f"seed {self.seed_id} failed ({error[0] if error else 'no error text'}); "
+                 f"falling back to {nxt.subject_id} as the seed")
+        self.seed_id = self.report.seed_subject = nxt.subject_id
+        self.bar.total += 1
+        if any(k == "subject" and x is nxt and mm == "scratch" for k, x, mm in self.pending.values()):
+            self.deferred_seed = nxt     # mode both: its scratch task writes the same folder; the seed run follows it
+        else:
+            self.submit_seed(nxt)
+        return True
+
     def _seed_done(self, row: dict, state):
+        if state is None and self._fall_back(row):
+            return
         if state is not None:
             self.put_seed_state(state)
             for e, m in self.waiting:
                 self.submit(e, m)
         else:
             for e, m in self.waiting:
+                seeds = ", ".join(f["seed"] for f in self.report.seed_failures)
                 self.rows[(e.subject_id, m)] = failed_row(
-                    e.subject_id, m, f"seed {self.plan.seed_id} failed: {row['error']}", path=e.path,
-                    config_hash=self.config_hash, seed_subject=self.plan.seed_id)
+                    e.subject_id, m, f"seed {seeds} failed: {row['error']}", path=e.path,
+                    config_hash=self.config_hash, seed_subject=self.seed_id)
                 self.counts["failed"] += 1
                 self.bar.update(1)
         self.waiting = []
@@ -166,12 +158,15 @@ class _Scheduler:
                 value = ray.get(ready[0])
                 row, state = value if kind == "seed" else (value, None)
             except ray.exceptions.RayError as exc:   # task raised, or its worker/node died past max_retries
-                row, state = failed_row(e.subject_id, m, _task_error(exc), path=e.path, is_seed=kind == "seed",
+                row, state = failed_row(e.subject_id, m, task_error(exc), path=e.path, is_seed=kind == "seed",
                                         config_hash=self.config_hash, seed_subject=self._seed_of(m)), None
             self.report.n_reconstructed += 1
             if kind == "seed":
                 self._seed_done(row, state)
                 del state
+            elif self.deferred_seed is e and m == "scratch":
+                self.deferred_seed = None
+                self.submit_seed(e)
             self._record(e, m, row)
             self._refresh()
         self.bar.close()
@@ -187,7 +182,8 @@ def _finish(report: CohortReport, tracker, rows: list, out_dir: Path, mode: str,
     report.wall_s = time.time() - t_start
     report.summary = summarize(rows)
     report.summary_text = format_summary(report.summary, n_subjects, report.wall_s)
-    write_json(out_dir / SUMMARY_FILE, {**report.summary, "n_subjects": n_subjects, "wall_s": report.wall_s})
+    write_json(out_dir / SUMMARY_FILE, {**report.summary, "n_subjects": n_subjects, "wall_s": report.wall_s,
+                                        "seed_subject": report.seed_subject, "seed_failures": report.seed_failures})
     fresh_ok = [r for r in rows if r["status"] == "ok" and not r.get("resumed")]
     tracker.finish_parent(
         metrics={"cohort_wall_s": report.wall_s,
@@ -214,7 +210,9 @@ def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, pro
         if not e.valid:
             log(f"skipping {e.subject_id}: invalid subject file:\n  " + "\n  ".join(e.problems))
     plan = plan_cohort(entries, mode, config_hash, lambda sid, m: read_done(out_dir, sid, m), force=force,
-                       external_seed=external[1] if external else None)
+                       external_seed=external[1] if external else None, check=check_done(out_dir))
+    for sid, m, why in plan.redo:
+        log(f"redo {sid}/{m}: {why}")
     seed_dict = None
     if external:
         seed_dict = external[0] if plan.needs_seed_state else None
@@ -236,13 +234,37 @@ def _clear_killed_writes(out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _one_driver(run):
+    """``run`` under the output folder's lock (:func:`cohort.guards.output_lock`), so that a second
+    driver on the same ``--out`` is refused; a folder this call created is removed again when the
+    run is refused or fails before writing anything into it."""
+    @functools.wraps(run)
+    def locked(manifest, out_dir, **kw):
+        check_num_cpus(kw.get("num_cpus"))
+        out_dir = Path(out_dir).resolve()
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with output_lock(out_dir):
+                return run(manifest, out_dir, **kw)
+        except BaseException:
+            if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+                (out_dir / LOCK_FILE).unlink(missing_ok=True)
+                out_dir.rmdir()
+            raise
+    return locked
+
+
+@_one_driver
 def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address: Optional[str] = None,
                gpus_per_task: Optional[float] = None, cpus_per_task: float = 1, tracking_uri: Optional[str] = None,
                experiment: str = "refine-more-cohort", tracking: bool = True, force: bool = False,
                max_retries: int = 2, num_cpus: Optional[int] = None, progress: bool = True,
-               seed_from: Optional[str] = None, log=print) -> CohortReport:
+               seed_from: Optional[str] = None, resource_wait_s: float = 300.0, log=print) -> CohortReport:
     """Run a cohort (see the module docstring); returns a :class:`cohort.results.CohortReport`.
-    ``seed_from``: adapt from an earlier run's seed state (:mod:`cohort.seed_source`), no seed run."""
+    ``seed_from``: adapt from an earlier run's seed state (:mod:`cohort.seed_source`), no seed run.
+    ``resource_wait_s``: on a joined cluster, how long to wait for a node big enough for one task
+    (an autoscaler may add it) before refusing; a local Ray started here is refused at once."""
     import ray
 
     from refine_more.config import ReconConfig, preset
@@ -270,7 +292,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
     started_ray = connect_ray(address, num_cpus, log) if plan.n_tasks else False
     tracker = None
     try:
-        report.resources = _resources(gpus_per_task, cpus_per_task, log)
+        report.resources = task_resources(gpus_per_task, cpus_per_task, log, 0.0 if started_ray else resource_wait_s)
         gpus = report.resources["gpus_per_task"]
         task_cfg = {**config.to_dict(), "progress": False}      # progress bar in the driver only
         if gpus == 0 and task_cfg.get("device", "auto") == "auto":
@@ -290,8 +312,8 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         del seed_dict
         rows = scheduler.run()
         tracker.log_unrecorded(rows)        # invalid files, subjects failed with their seed, resumed rows
-        tracker.log_seed_state(seed_path or (subject_dir(out_dir, plan.seed_id, "scratch") / SEED_STATE_FILE
-                                             if plan.seed_id else None))
+        tracker.log_seed_state(seed_path or (subject_dir(out_dir, report.seed_subject, "scratch") / SEED_STATE_FILE
+                                             if report.seed_subject else None))
         _finish(report, tracker, rows, out_dir, mode, len(entries), t_start, log)
         return report
     except BaseException:

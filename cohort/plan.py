@@ -28,6 +28,9 @@ from .results import MODES, failed_row
 
 #: (subject_id, mode) -> the row stored in its done.json, or None
 Finished = Callable[[str, str], Optional[dict]]
+#: (entry, mode, stored row) -> (why it must be redone, whether its input changed), or None to resume
+#: (:func:`cohort.resume.check_done`: the outputs are there and the input is the same file)
+Check = Callable[[Entry, str, dict], Optional[tuple]]
 
 
 def modes_of(mode: str) -> tuple:
@@ -52,6 +55,8 @@ class CohortPlan:
     todo: list             # (entry, mode) to reconstruct as subject tasks
     seed_todo: bool        # the seed's scratch run is reconstructed first, as the seed task
     external_seed: Optional[str] = None   # --seed-from: the seed subject of an earlier run
+    redo: tuple = ()       # (subject_id, mode, reason): done with this config, but redone (check)
+    fallbacks: tuple = ()  # the other valid entries, in manifest order: seeds to try when the seed fails
 
     @property
     def seed_id(self) -> Optional[str]:
@@ -79,13 +84,29 @@ class CohortPlan:
 
 
 def plan_cohort(entries: list, mode: str, config_hash: str, finished: Finished, *, force: bool = False,
-                external_seed: Optional[str] = None) -> CohortPlan:
-    """The plan of a cohort run (see the module docstring); ``finished`` looks up done.json rows.
+                external_seed: Optional[str] = None, check: Optional[Check] = None) -> CohortPlan:
+    """The plan of a cohort run (see the module docstring); ``finished`` looks up done.json rows,
+    ``check`` vets the ones that match (None: trust them). A seed whose input changed takes its
+    adapted rows with it: they were adapted from another seed state.
     ``external_seed``: adapted rows adapt from an earlier run's seed state (``--seed-from``) and
     no seed is reconstructed."""
     modes = modes_of(mode)
     seed = choose_seed(entries) if "adapted" in modes and not external_seed else None
     seed_id = external_seed or (seed.subject_id if seed else None)
+    redo = {}
+
+    def done(e, m: str) -> Optional[dict]:
+        prev = None if force else finished(e.subject_id, m)
+        if not resumable(prev, m, config_hash, seed_id if m == "adapted" else None):
+            return None
+        stale = check(e, m, prev) if check else None
+        if stale:
+            redo[(e.subject_id, m)] = stale
+            return None
+        return {**prev, "resumed": True}
+
+    seed_row = done(seed, "scratch") if seed else None
+    seed_moved = seed is not None and redo.get((seed_id, "scratch"), ("", False))[1]
     rows: dict = {}
     for e in entries:
         if not e.valid:
@@ -96,17 +117,19 @@ def plan_cohort(entries: list, mode: str, config_hash: str, finished: Finished, 
     todo = []
     for e in (e for e in entries if e.valid):
         for m in modes:
-            prev = None if force else finished(e.subject_id, m)
-            if resumable(prev, m, config_hash, seed_id):
-                rows[(e.subject_id, m)] = {**prev, "resumed": True}
+            row = seed_row if e is seed and m == "scratch" else done(e, m)
+            if row and m == "adapted" and seed_moved:
+                redo[(e.subject_id, m)], row = (f"its seed {seed_id} is redone: input changed", False), None
+            if row:
+                rows[(e.subject_id, m)] = row
             else:
                 todo.append((e, m))
-    if seed and not force and (seed_id, "scratch") not in rows:
+    if seed_row:
         # adapted mode: the seed's scratch run belongs to the cohort's results too
-        prev = finished(seed_id, "scratch")
-        if resumable(prev, "scratch", config_hash, None):
-            rows[(seed_id, "scratch")] = {**prev, "resumed": True}
-    plan = CohortPlan(modes=modes, seed=seed, rows=rows, todo=todo, seed_todo=False, external_seed=external_seed)
+        rows[(seed_id, "scratch")] = seed_row
+    plan = CohortPlan(modes=modes, seed=seed, rows=rows, todo=todo, seed_todo=False, external_seed=external_seed,
+                      redo=tuple((sid, m, why) for (sid, m), (why, _) in redo.items()),
+                      fallbacks=tuple(e for e in entries if e.valid and e is not seed))
     if seed and plan.needs_seed_state and not rows.get((seed_id, "scratch"), {}).get("resumed"):
         plan = plan.redo_seed()
     return plan

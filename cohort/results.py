@@ -32,12 +32,12 @@ SUMMARY_PNG = "summary.png"
 
 # leading columns of results.parquet (others follow in a stable order)
 COLUMNS = [
-    "subject_id", "mode", "status", "error", "resumed", "is_seed", "seed_subject", "method", "node",
+    "subject_id", "mode", "status", "error", "resumed", "is_seed", "seed_subject", "method", "node", "node_id",
     "device", "setup_s", "stage1_s", "stage2_s", "total_s", "wall_s", "iterations_stage1",
     "iterations_stage2", "trainable_stage1", "trainable_stage2",
     "loss_final", "loss1_final", "loss2_final", "loss3_final",
     *[f"{m}_{p}" for p in MAP_NAMES for m in ("nrmse", "ssim")],
-    "mlflow_run_id", "tracking", "config_hash", "subject_path", "out_dir", "maps_path", "montage_path",
+    "mlflow_run_id", "tracking", "config_hash", "subject_path", "input_sha256", "out_dir", "maps_path", "montage_path",
     "loss_png_path", "history_path", "started_at", "finished_at",
 ]
 
@@ -115,7 +115,7 @@ def rows_frame(rows: list):
            or c.endswith("_final") or c in ("started_at", "finished_at"))]
     for c in num:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    for c in ("error", "mlflow_run_id", "tracking", "node", "device", "method", "seed_subject", "config_hash"):
+    for c in ("error", "mlflow_run_id", "tracking", "node", "node_id", "input_sha256", "device", "method", "seed_subject", "config_hash"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     order = {m: i for i, m in enumerate(MODES)}
     df["_o"] = df["mode"].map(order)
@@ -185,7 +185,8 @@ class CohortReport:
     summary: dict
     summary_text: str
     wall_s: float
-    seed_subject: Optional[str] = None
+    seed_subject: Optional[str] = None     # the seed the adapted rows used (after any fallback)
+    seed_failures: list = field(default_factory=list)   # {"seed", "error"} of seeds that failed, in order
     seed_puts: int = 0                 # ray.put calls of the seed state (1 when any adaptation ran)
     n_reconstructed: int = 0           # reconstructions that ran (ok or failed) in this run
     n_resumed: int = 0

@@ -16,6 +16,7 @@ from refine_more.metrics import score_maps
 from refine_more.names import MAP_NAMES
 
 from . import plots
+from .resume import input_digest
 from .results import (CONFIG_FILE, DONE, MODES, SEED_STATE_FILE, clean, history_csv, json_default, subject_dir,
                       write_json)
 
@@ -48,21 +49,21 @@ def _write_outputs(odir: Path, sid: str, mode: str, subject, result, config) -> 
 
 
 def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[str], node: Optional[str],
-         scores: dict, path, odir: Path, outputs: dict, started: float) -> dict:
+         node_id: Optional[str], scores: dict, path, inputs: dict, odir: Path, outputs: dict, started: float) -> dict:
     """The results row of a finished reconstruction (the columns of :data:`cohort.results.COLUMNS`)."""
     final = result.final_losses()
     t, it, tr = result.timings, result.iterations, result.trainable_parameters
     row = {
         "subject_id": sid, "mode": mode, "status": "ok", "error": None, "resumed": False,
         "is_seed": bool(is_seed), "seed_subject": seed_subject if mode == "adapted" else (sid if is_seed else None),
-        "method": result.method, "node": node or socket.gethostname(), "device": result.device,
+        "method": result.method, "node": node or socket.gethostname(), "node_id": node_id, "device": result.device,
         "setup_s": t.get("setup"), "stage1_s": t.get("stage1"), "stage2_s": t.get("stage2"), "total_s": t.get("total"),
         "iterations_stage1": int(it.get("stage1", 0)), "iterations_stage2": int(it.get("stage2", 0)),
         "trainable_stage1": int(tr.get("stage1", 0)), "trainable_stage2": int(tr.get("stage2", 0)),
         "loss_final": final.get("loss"), "loss1_final": final.get("loss1"),
         "loss2_final": final.get("loss2"), "loss3_final": final.get("loss3"),
         **scores,
-        "config_hash": result.config_hash, "subject_path": str(path), "out_dir": str(odir),
+        "config_hash": result.config_hash, "subject_path": str(path), **inputs, "out_dir": str(odir),
         **{k: v for k, v in outputs.items() if k != "history"}, "started_at": started,
     }
     row["finished_at"] = time.time()
@@ -73,8 +74,9 @@ def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[s
 def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
                         subject_id: Optional[str] = None, is_seed: bool = False,
                         seed_subject: Optional[str] = None, save_seed_state: bool = False,
-                        node: Optional[str] = None):
-    """Reconstruct one subject, write its outputs (``done.json`` last); return ``(row, result)``."""
+                        node: Optional[str] = None, node_id: Optional[str] = None):
+    """Reconstruct one subject, write its outputs (``done.json`` last); return ``(row, result)``.
+    The row records the input's digest (:func:`cohort.resume.input_digest`), read before the file."""
     from refine_more.config import ReconConfig
     from refine_more.recon import reconstruct
     from refine_more.subject import read_subject
@@ -85,6 +87,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
         raise ValueError("an adapted reconstruction needs a seed state")
     started = time.time()
     config = ReconConfig.from_dict(config_dict)
+    inputs = input_digest(path)
     subject = read_subject(path)
     sid = subject_id or subject.subject_id
     odir = subject_dir(out_dir, sid, mode)
@@ -97,8 +100,8 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     if save_seed_state:
         from refine_more.adaptation import SeedState
         SeedState.from_result(result).save(odir / SEED_STATE_FILE)
-    row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, scores=scores,
-               path=path, odir=odir, outputs=outputs, started=started)
+    row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
+               scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
     write_json(odir / DONE, row)                   # LAST: marks it done
     row["history"] = outputs["history"]    # for the driver's MLflow logging; not stored in results.parquet
     return row, result
@@ -106,24 +109,24 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
 
 def run_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
                 subject_id: Optional[str] = None, is_seed: bool = False, seed_subject: Optional[str] = None,
-                node: Optional[str] = None) -> dict:
+                node: Optional[str] = None, node_id: Optional[str] = None) -> dict:
     """Reconstruct one subject (``mode`` 'scratch' or 'adapted', the latter with ``seed_state``:
     a SeedState or its numpy dict), write its outputs; return its results row (with ``history``).
 
     Raises what the reconstruction raises (``SubjectFormatError``/``ValueError`` for bad data).
     """
     row, _ = reconstruct_subject(path, out_dir, mode, config_dict, seed_state, subject_id=subject_id,
-                                 is_seed=is_seed, seed_subject=seed_subject, node=node)
+                                 is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id)
     return row
 
 
 def run_seed(path, out_dir, config_dict: dict, *, subject_id: Optional[str] = None,
-             node: Optional[str] = None) -> tuple:
+             node: Optional[str] = None, node_id: Optional[str] = None) -> tuple:
     """Reconstruct the seed from scratch (outputs under ``<id>/scratch``, plus
     ``seed_state.safetensors`` for resuming); return ``(row, SeedState numpy dict)``."""
     from refine_more.adaptation import SeedState
     row, result = reconstruct_subject(path, out_dir, "scratch", config_dict, None, subject_id=subject_id,
-                                      is_seed=True, save_seed_state=True, node=node)
+                                      is_seed=True, save_seed_state=True, node=node, node_id=node_id)
     return row, SeedState.from_result(result).to_numpy_dict()
 
 

@@ -24,6 +24,14 @@ def _node() -> str:
         return socket.gethostname()
 
 
+def _node_id():
+    """The Ray node's id: unlike the IP, it tells apart two nodes on one machine."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside a Ray worker
+        return None
+
+
 def _threads():
     """Use the CPUs Ray gave this task (Ray sets OMP_NUM_THREADS to the task's num_cpus)."""
     import torch
@@ -37,11 +45,11 @@ def subject_task(path, out_dir, mode, config_dict, seed_state, *, subject_id=Non
     """``subject_run.run_subject`` in a worker; ``seed_state`` arrives resolved (top-level ObjectRef)."""
     _threads()
     return subject_run.run_subject(path, out_dir, mode, config_dict, seed_state, subject_id=subject_id,
-                                   is_seed=is_seed, seed_subject=seed_subject, node=_node())
+                                   is_seed=is_seed, seed_subject=seed_subject, node=_node(), node_id=_node_id())
 
 
 @ray.remote(max_retries=2, retry_exceptions=False)
 def seed_task(path, out_dir, config_dict, *, subject_id=None):
     """``subject_run.run_seed`` in a worker: returns ``(row, SeedState numpy dict)``."""
     _threads()
-    return subject_run.run_seed(path, out_dir, config_dict, subject_id=subject_id, node=_node())
+    return subject_run.run_seed(path, out_dir, config_dict, subject_id=subject_id, node=_node(), node_id=_node_id())
