@@ -57,11 +57,12 @@ def _add_run(sub) -> None:
 
 
 def _run(args) -> int:
+    from refine_more.cli import UsageError, check_out_dir
     from refine_more.config import load_config
 
     from .driver import run_cohort
     from .guards import RunRefused
-    from .manifest import ManifestError
+    from .manifest import ManifestError, read_manifest
     from .seed_source import SeedSourceError
 
     if args.gpus_per_task is not None and args.gpus_per_task < 0:
@@ -70,9 +71,11 @@ def _run(args) -> int:
     if args.max_retries < 0:
         print("error: --max-retries must be >= 0", file=sys.stderr)
         return 2
-    try:
+    try:   # refused before the driver starts: no worker runs, no empty --out is left behind
         config = load_config(args.config, args.preset, args.set)
-    except (ValueError, FileNotFoundError) as exc:
+        check_out_dir(args.out)
+        read_manifest(args.manifest, args.out)
+    except (ValueError, FileNotFoundError, UsageError) as exc:   # ManifestError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -3,10 +3,12 @@
 A manifest is a Parquet (or CSV) table with ``subject_id``, ``path`` (absolute or relative to the
 manifest's folder) and an optional ``role`` (``seed`` marks the subject reconstructed in full first).
 
-Problems with the manifest *itself* (unreadable, missing columns, duplicate or unsafe ids) raise
-:class:`ManifestError`: nothing sensible can run. Problems with a *subject file* (missing, corrupt,
-not following the spec) are not errors here: :func:`validate_entries` marks those entries invalid
-so the driver can record them as failed rows and go on with the rest.
+Problems with the manifest *itself* (unreadable, missing columns, duplicate, missing or unsafe ids,
+two seed rows, unknown roles) raise :class:`ManifestError`: nothing sensible can run. Problems with
+a *subject file* (missing, corrupt, not following the spec) are not errors here:
+:func:`validate_entries` marks those entries invalid so the driver can record them as failed rows
+and go on with the rest. It reads headers only (:func:`refine_more.subject.validate_subject_headers`):
+a file whose values are bad (NaN, all zero) fails in its task, which reads it anyway.
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ class Entry:
 
 def check_subject_id(subject_id, out_dir: Optional[os.PathLike] = None) -> str:
     """Return ``subject_id`` as str if it is safe as a folder name (and stays inside ``out_dir``)."""
-    sid = "" if subject_id is None else str(subject_id)
+    missing = subject_id is None or (isinstance(subject_id, float) and subject_id != subject_id)
+    if missing or isinstance(subject_id, float):   # a float id: NaN (an empty Parquet cell) or 1.0
+        raise ManifestError(f"subject_id {subject_id!r}: missing or not text (Parquet null/NaN, or a float)")
+    sid = str(subject_id)
     if not SUBJECT_ID_RE.match(sid) or sid in (".", ".."):
         raise ManifestError(f"invalid subject_id {sid!r}: use letters, digits, '.', '_' and '-' "
                             "(not '.' or '..')")
@@ -100,24 +105,33 @@ def read_manifest(path, out_dir: Optional[os.PathLike] = None) -> list[Entry]:
         p = Path(os.path.expanduser(str(p)))
         if not p.is_absolute():
             p = base / p
-        role = rec.get("role")
-        role = "" if role is None or (isinstance(role, float)) else str(role).strip().lower()
-        entries.append(Entry(subject_id=sid, path=str(p), role=role, row=i))
+        entries.append(Entry(subject_id=sid, path=str(p), role=_role(rec.get("role"), path, i), row=i))
+    seeds = [e.row for e in entries if e.role == "seed"]
+    if len(seeds) > 1:
+        raise ManifestError(f"manifest {path}: rows {seeds} all have role 'seed': mark one seed per cohort")
     return entries
 
 
+def _role(role, path, i: int) -> str:
+    role = "" if role is None or (isinstance(role, float)) else str(role).strip().lower()
+    if role not in ("", "seed"):
+        raise ManifestError(f"manifest {path}, row {i}: unknown role {role!r} (known: 'seed', or empty)")
+    return role
+
+
 def validate_entries(entries: list[Entry], progress: bool = False) -> list[Entry]:
-    """Fill ``entry.problems`` from :func:`refine_more.subject.validate_subject_file` (in place)."""
+    """Fill ``entry.problems`` from :func:`refine_more.subject.validate_subject_headers` (in
+    place): headers only, no array value is read (see the module docstring)."""
     from tqdm import tqdm
 
-    from refine_more.subject import validate_subject_file
+    from refine_more.subject import validate_subject_headers
 
     for e in tqdm(entries, desc="validate", disable=not progress, leave=False):
-        if not os.path.exists(e.path):
+        if not os.path.lexists(e.path):
             e.problems = [f"{e.path}: file does not exist"]
             continue
         try:
-            e.problems = list(validate_subject_file(e.path))
+            e.problems = list(validate_subject_headers(e.path))
         except Exception as exc:  # the validator should report, not raise; be safe anyway
             e.problems = [f"{e.path}: {type(exc).__name__}: {exc}"]
     return entries

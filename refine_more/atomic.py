@@ -2,6 +2,8 @@
 
 A reader never sees a half-written file, and a writer killed mid-way leaves only a temporary
 named ``.<stem>.<random>.tmp<suffix>`` beside the final name (the cohort clears those on a redo).
+The final file gets the mode a plain ``open`` would give it (0666 less the umask), not ``mkstemp``'s
+0600: results on a shared cluster file system stay readable by the group.
 """
 from __future__ import annotations
 
@@ -9,6 +11,20 @@ import contextlib
 import os
 import tempfile
 from typing import Callable
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -22,6 +38,7 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     stem, dot, rest = os.path.basename(path).partition(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp" + ((dot + rest) if dot else ""), dir=folder)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield tmp

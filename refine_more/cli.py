@@ -5,23 +5,76 @@ A module that brings commands defines ``add_commands(subparsers)``, which adds i
 (each with ``set_defaults(func=...)``, ``func(args) -> exit status``), and is named once in the
 application's list (``cohort.console.COMMAND_MODULES``). This module's own ``main`` runs its
 commands alone; the ``refine-more`` console script is :func:`cohort.console.main`.
+
+Exit status: 0 done; 1 a bad input file or a failed command (one line naming the file and
+member); 2 a refused command line (arguments, config, output folder), found before any work.
+No error ends in a traceback (``REFINE_MORE_TRACEBACK=1`` shows it).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 DESCRIPTION = "REFINE-MORE: scan-specific qMT (BTS) reconstruction, one subject or a cohort on Ray."
 
 
+class UsageError(Exception):
+    """A command line refused before any work (exit 2): its message is the one line printed."""
+
+
+def out_dir_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be an output folder (a file, below a file, not writable); None when it
+    can. Creates nothing."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        return f"--out {path}: is a file, not a folder"
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {path}: {probe} is a file, so the folder cannot be made"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"--out {path}: {probe} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def check_out_dir(path) -> None:
+    problem = out_dir_problem(path)
+    if problem:
+        raise UsageError(problem)
+
+
 def _simulate(args):
     from .simulate import SimulationConfig, simulate_cohort
-    cfg = SimulationConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr,
-                           mask_type=args.mask, write_coil_sens=not args.estimate_coils, phase_drift=args.phase_drift)
+    check_out_dir(args.out)
+    if args.subjects < 1:
+        raise UsageError(f"simulate: --subjects must be >= 1, got {args.subjects}")
+    if args.phantom:  # the paper's vial phantom (Fig. 5): phantom protocol, 1-D mask (refine_more/phantom.py)
+        from .phantom import PhantomConfig, simulate_phantom_cohort
+        try:
+            pcfg = PhantomConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr,
+                                 write_coil_sens=not args.estimate_coils)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        print(simulate_phantom_cohort(args.out, args.subjects, pcfg, seed=args.seed))
+        return 0
+    try:
+        cfg = SimulationConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr,
+                               mask_type=args.mask, write_coil_sens=not args.estimate_coils,
+                               phase_drift=args.phase_drift)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     manifest = simulate_cohort(args.out, args.subjects, cfg, seed=args.seed, progress=not args.quiet)
     print(manifest)
     return 0
@@ -61,6 +114,11 @@ def _fit(args):
     from .subject import read_subject
     from .tissue import derive_tissue_mask
 
+    check_out_dir(args.out)
+    k_band = tuple(args.k_band) if args.k_band else None
+    if k_band is not None and not (0 < k_band[0] <= k_band[1] < float("inf")):
+        raise UsageError(f"fit: --k-band LOW HIGH needs 0 < LOW <= HIGH (k in 1/s; equal holds k fixed), "
+                         f"got {args.k_band[0]:g} {args.k_band[1]:g}")
     subject = read_subject(args.file, load_reference=args.method == "full")
     if args.method == "full":
         if "kspace_full" not in subject.reference:
@@ -73,7 +131,10 @@ def _fit(args):
     images, config_hash = _fit_images(args, subject, kspace, coils)
     tissue = derive_tissue_mask(subject)
     b1, b1_source = b1_for(subject, coils, tissue)
-    maps = fit_images(images, subject.protocol, b1, tissue, **({"k_band": tuple(args.k_band)} if args.k_band else {}))
+    maps = fit_images(images, subject.protocol, b1, tissue, **({"k_band": k_band} if k_band else {}))
+    if not maps["moved"][tissue].any():
+        raise ValueError(f"{args.file}: the fit never moved from its start values in any voxel "
+                         "(are the images zero?): nothing written")
     out = write_maps(args.out, {k: maps[k] for k in MAP_NAMES}, tissue, subject_id=subject.subject_id,
                      method=f"{args.method}-fit", config_hash=config_hash,
                      voxel_size_mm=subject.voxel_size_mm)
@@ -82,20 +143,59 @@ def _fit(args):
 
 
 def _recon(args):
-    from .atomic import atomic_write_text
     from .config import load_config
+    from .recon import reconstruct
+    from .subject import read_subject
+
+    overrides = list(args.set or []) + ([f"device={args.device}"] if args.device else [])
+    try:
+        config = load_config(args.config, args.preset, overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    check_out_dir(args.out)
+    subject = read_subject(args.file)
+    result = reconstruct(subject, config)
+    with _staged(Path(args.out)) as out:
+        _write_recon(out, args, subject, config, result)
+    if args.bids:
+        from .interop.bids import BidsEntry, write_bids
+        write_bids(args.bids, [BidsEntry(str(Path(args.out) / "maps.h5"), str(args.file))])
+    return 0
+
+
+class _staged:
+    """``with _staged(out) as tmp``: the outputs are written into ``out/.staging-*``; on success the
+    old ``summary.json`` goes first, then every new file moves in with ``summary.json`` last, so a
+    folder never pairs new maps with a stale summary (no summary: the result is incomplete)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                (self.out / "summary.json").unlink(missing_ok=True)
+                names = sorted(os.listdir(self.tmp), key=lambda n: n == "summary.json")
+                for name in names:
+                    os.replace(self.tmp / name, self.out / name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _write_recon(out: Path, args, subject, config, result) -> None:
+    """Maps, NIfTI, config.json, montage, loss curves, history and summary.json into ``out``."""
+    from .atomic import atomic_write_text
     from .maps_io import write_maps
     from .metrics import score_maps
     from .names import MAP_NAMES
     from .plots import loss_png, montage_png
-    from .recon import reconstruct
-    from .subject import read_subject
 
-    subject = read_subject(args.file)
-    overrides = list(args.set or []) + ([f"device={args.device}"] if args.device else [])
-    config = load_config(args.config, args.preset, overrides)
-    result = reconstruct(subject, config)
-    out = Path(args.out)
     write_maps(out, {k: result.maps[k] for k in MAP_NAMES}, result.tissue_mask,
                subject_id=subject.subject_id, method=result.method, config_hash=result.config_hash,
                voxel_size_mm=subject.voxel_size_mm)
@@ -112,11 +212,7 @@ def _recon(args):
                              "inr-only": score_maps(result.maps_init, ref, result.tissue_mask)}
     atomic_write_text(out / "history.json", json.dumps(result.history))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
-    if args.bids:
-        from .interop.bids import BidsEntry, write_bids
-        write_bids(args.bids, [BidsEntry(str(out / "maps.h5"), str(args.file))])
     print(json.dumps(summary, indent=1, default=float))
-    return 0
 
 
 def add_config_arguments(p: argparse.ArgumentParser, default_preset: str = "small") -> None:
@@ -145,6 +241,8 @@ def add_commands(sub) -> None:
     s.add_argument("--phase-drift", type=float, default=0.0, metavar="RADIANS",
                    help="each image's own random smooth phase of up to this size (B0 drift, motion)")
     s.add_argument("--estimate-coils", action="store_true", help="do not store coil_sens (readers run ESPIRiT)")
+    s.add_argument("--phantom", action="store_true",
+                   help="the paper's vial phantom with its protocol and a 1-D mask instead of brains (--mask, --phase-drift unused)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_simulate)
 
@@ -181,14 +279,28 @@ def build_parser(command_modules=(__name__,), prog: str = "refine-more") -> argp
 
 
 def main(argv=None, command_modules=(__name__,)) -> int:
-    """Parse ``argv`` and run the command; bad input files, values or paths exit 1 with one line."""
+    """Parse ``argv`` and run the command; a refused command line exits 2, anything else that goes
+    wrong 1, each with one line on stderr (see the module docstring)."""
     args = build_parser(command_modules).parse_args(list(sys.argv[1:] if argv is None else argv))
-    from .subject import SubjectFormatError
     try:
         return args.func(args)
-    except (SubjectFormatError, FileNotFoundError, ValueError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:   # SubjectFormatError, config and file errors: their own line
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:               # a bug or a library's error: still one line
+        if os.environ.get("REFINE_MORE_TRACEBACK"):
+            raise
+        print(f"error: {type(exc).__name__}: {_one_line(exc)} (REFINE_MORE_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (a SubjectFormatError lists every problem: joined)."""
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ one loader for files and ``KEY=VALUE`` overrides, and a stable hash.
 
 Every value that enters a config through :meth:`ReconConfig.from_dict` (files, overrides, the
 dicts Ray tasks receive) is checked against its field's type, ``Literal`` choices included, so
-``iters_stage1 = "100"`` fails at load, naming the key.
+``iters_stage1 = "100"`` fails at load, naming the key; :mod:`refine_more.config_checks` then
+checks the ranges (``iters_stage1 = -5`` fails too) and reads the files (syntax errors: one line).
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
+from .config_checks import check_ranges, read_config_file
 from .encoding import HashEncodingConfig
 
 
@@ -200,6 +201,7 @@ class ReconConfig:
         check_k_band(self.k_band)
         if not (isinstance(self.image_chunk, int) and not isinstance(self.image_chunk, bool) and self.image_chunk >= 0):
             raise ValueError(f"image_chunk must be an integer ≥ 0 (0: all images at once), got {self.image_chunk!r}")
+        check_ranges(self)   # every value in its range (config_checks.RANGES), one line per problem
 
     def replace(self, **changes) -> "ReconConfig":
         return dataclasses.replace(self, **changes)
@@ -307,32 +309,12 @@ def preset(name: str) -> ReconConfig:
     raise ValueError(f"unknown preset {name!r} (known: paper, small, tiny)")
 
 
-def _read_file(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".toml", ".tml"):
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml", ".json"):
-        import yaml
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a table of keys, got {type(data).__name__}")
-        return data
-    raise ValueError(f"config file {path}: use .toml, .yaml or .json")
-
-
 def load_config(path=None, preset_name: str = "small", overrides=()) -> ReconConfig:
     """The one loader: a preset, then a TOML/YAML/JSON file's keys (nested tables for
     inr/unroll/adapt; its own ``preset`` key replaces ``preset_name``), then ``KEY=VALUE``
     overrides (:func:`apply_overrides`). A file written as ``config.json`` beside a result
     (``{"config": {...}}``) loads back to the same config."""
-    data = {} if path is None else _read_file(path)
+    data = {} if path is None else read_config_file(path)
     if set(data) == {"config_hash", "config"}:     # a resolved config written beside a result
         data = data["config"]
     preset_name = data.pop("preset", preset_name)

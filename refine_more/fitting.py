@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.func import jvp
 
+from .config import check_k_band
 from .protocol import Protocol
 from .signal_model import BTSModel
 
@@ -164,7 +165,8 @@ def _jacobian(model: BTSModel, p: torch.Tensor, b1: torch.Tensor) -> torch.Tenso
 
 def _lm_chunk(y: torch.Tensor, b1: torch.Tensor, model: BTSModel, protocol: Protocol, n_iter: int, k_band,
               step_rtol: float = 1e-9):
-    """Projected LM on one chunk of normalised data y (T, n). Returns params (n, 4) and cost (n,).
+    """Projected LM on one chunk of normalised data y (T, n). Returns params (n, 4), cost (n,) and
+    whether each voxel ever accepted a step (n,) (False: its values are the start values).
 
     Per voxel: damped normal equations (JᵀJ + λ·diag(JᵀJ)) δ = −Jᵀr, trial p ← Π(p + δ) (Π: the
     projection onto the bounds), accepted when the cost drops (λ × 0.3) and rejected otherwise
@@ -184,6 +186,7 @@ def _lm_chunk(y: torch.Tensor, b1: torch.Tensor, model: BTSModel, protocol: Prot
     J = torch.empty((T, n, 4), dtype=torch.float64, device=dev)
     stale = torch.ones(n, dtype=torch.bool, device=dev)      # J must be (re)computed
     active = torch.ones(n, dtype=torch.bool, device=dev)
+    moved = torch.zeros(n, dtype=torch.bool, device=dev)
     cost_floor = 1e-26 * T
     for _ in range(n_iter):
         ia = active.nonzero().squeeze(1)
@@ -223,17 +226,18 @@ def _lm_chunk(y: torch.Tensor, b1: torch.Tensor, model: BTSModel, protocol: Prot
         la = torch.where(acc, la * _LAMBDA_DOWN, la * _LAMBDA_UP).clamp(_LAMBDA_MIN, _LAMBDA_MAX)
         lam[ia] = la
         stale[ia] = acc
+        moved[ia] |= acc
         done = (acc & (step < step_rtol)) | (c_new <= cost_floor) | (la >= _LAMBDA_MAX)
         active[ia] = ~done
-    return p, cost
+    return p, cost, moved
 
 
 def fit_voxels(images_mag, protocol: Protocol, b1=None, *, n_iter: int = 40, k_band=K_BAND,
                chunk_size: int = 50_000, num_threads: int | None = None) -> dict:
     """Fit (I0, T1F, f, k) to magnitude signals (T, N); returns float32 numpy arrays (N,).
 
-    Keys: I0, T1F, f, k, kF (= k·f) and residual (the L2 norm over images of model − data, in the
-    data's units). Works on any device the input lives on; computations are in float64.
+    Keys: I0, T1F, f, k, kF (= k·f), residual (the L2 norm over images of model − data, in the
+    data's units) and moved (1 where the fit accepted a step, 0 where it kept its start values). Works on any device the input lives on; computations are in float64.
     Voxels whose data are all zero get I0 = 0 and the starting values for the rest.
     `num_threads`, if given, sets torch's CPU intra-op threads for the duration of the fit (the
     element-wise work here is small per op, and on a busy machine oversubscribed threads can
@@ -250,6 +254,7 @@ def fit_voxels(images_mag, protocol: Protocol, b1=None, *, n_iter: int = 40, k_b
 
 
 def _fit_voxels(images_mag, protocol: Protocol, b1, *, n_iter: int, k_band, chunk_size: int) -> dict:
+    check_k_band(k_band)     # a negative or inverted band would give negative kF
     y_all = _as_tensor64(images_mag)
     if y_all.dim() != 2 or y_all.shape[0] != protocol.n_images:
         raise ValueError(f"images_mag must be (T={protocol.n_images}, N), got {tuple(y_all.shape)}")
@@ -257,13 +262,14 @@ def _fit_voxels(images_mag, protocol: Protocol, b1, *, n_iter: int, k_band, chun
     n = y_all.shape[1]
     b1_all = _sanitize_b1(b1, n, y_all)
     model = BTSModel(protocol)
-    out = {name: np.zeros(n, dtype=np.float32) for name in (*PARAM_ORDER, "kF", "residual")}
+    out = {name: np.zeros(n, dtype=np.float32) for name in (*PARAM_ORDER, "kF", "residual", "moved")}
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
         y = y_all[:, sl]
         scale = y.amax(0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        p, cost = _lm_chunk(y / scale, b1_all[sl], model, protocol, n_iter, k_band)
+        p, cost, moved = _lm_chunk(y / scale, b1_all[sl], model, protocol, n_iter, k_band)
+        out["moved"][sl] = moved.cpu().numpy()
         I0 = p[:, 0] * scale
         out["I0"][sl] = I0.cpu().numpy()
         out["T1F"][sl] = p[:, 1].cpu().numpy()
@@ -275,7 +281,7 @@ def _fit_voxels(images_mag, protocol: Protocol, b1, *, n_iter: int, k_band, chun
 
 
 def fit_images(images, protocol: Protocol, b1=None, tissue_mask=None, **kw) -> dict:
-    """Fit every voxel of the mask; returns {I0, T1F, f, kF, k, residual}: (Z, Y, X) float32, 0 outside.
+    """Fit every voxel of the mask; returns {I0, T1F, f, kF, k, residual, moved}: (Z, Y, X) float32, 0 outside.
 
     `images` (T, Z, Y, X) may be complex or real, torch or numpy. The fit uses the magnitude
     |images|: the background phase and the Bloch–Siegert phase of the saturated images are
@@ -309,7 +315,7 @@ def fit_images(images, protocol: Protocol, b1=None, tissue_mask=None, **kw) -> d
     res = fit_voxels(y, protocol, b1v, **kw)
     flat_idx = idx.cpu().numpy()
     maps = {}
-    for name in ("I0", "T1F", "f", "kF", "k", "residual"):
+    for name in ("I0", "T1F", "f", "kF", "k", "residual", "moved"):
         m = np.zeros(int(np.prod(spatial)), dtype=np.float32)
         m[flat_idx] = res[name]
         maps[name] = m.reshape(spatial)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .classical import classical_minimum
 from .config import ReconConfig
+from .config_checks import check_subject
 from .inr import INR
 from .losses import inr_losses, inr_losses_chunked
 from .metrics import score_maps
@@ -122,6 +123,7 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     t_start = time.perf_counter()
+    check_subject(subject, config)     # one line naming the file, not a ZeroDivisionError deep inside
     prob = ScanPhysics(subject, config, device)
     inr = INR(subject.n_images, subject.shape, config.inr, seed=config.seed).to(device)
     unrolled = UnrolledPGD(config.unroll).to(device)

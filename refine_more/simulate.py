@@ -56,6 +56,22 @@ class SimulationConfig:
     flip_angles_deg: tuple = (5.0, 10.0, 20.0, 40.0)
     phase_drift: float = 0.0               # radians: each image's own smooth phase up to this size (B0 drift, motion)
 
+    def __post_init__(self):
+        """Refuse values that would end in a traceback or a useless cohort (one line, naming the option)."""
+        m = tuple(self.matrix)
+        if len(m) != 3 or not all(isinstance(n, (int, np.integer)) and n >= 2 for n in m):
+            raise ValueError(f"simulate: --matrix must be 3 integers Z Y X, each >= 2, got {list(m)}")
+        if not (np.isfinite(self.acceleration) and self.acceleration >= 1):
+            raise ValueError(f"simulate: --acc must be >= 1 (1: fully sampled), got {self.acceleration}")
+        if not (isinstance(self.n_coils, (int, np.integer)) and self.n_coils >= 1):
+            raise ValueError(f"simulate: --coils must be an integer >= 1, got {self.n_coils}")
+        if not (np.isfinite(self.snr) and self.snr > 0):
+            raise ValueError(f"simulate: --snr must be finite and > 0, got {self.snr}")
+        if self.mask_type not in ("2d", "1d"):
+            raise ValueError(f"simulate: --mask must be 2d or 1d, got {self.mask_type!r}")
+        if not (np.isfinite(self.phase_drift) and self.phase_drift >= 0):
+            raise ValueError(f"simulate: --phase-drift must be finite and >= 0, got {self.phase_drift}")
+
 
 def default_calib(matrix) -> tuple:
     """24×24 fully sampled centre at the paper's 48 × 176 phase-encode grid, scaled down (min 4)."""
@@ -257,6 +273,8 @@ def simulate_cohort(out_dir, n_subjects: int, config: SimulationConfig, seed: in
 
     from .subject import write_subject
 
+    if not (isinstance(n_subjects, (int, np.integer)) and n_subjects >= 1):
+        raise ValueError(f"simulate: --subjects must be an integer >= 1, got {n_subjects}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     Z, Y, X = config.matrix

@@ -11,6 +11,7 @@ Public API
 - :class:`Subject` -- one scan of one subject, in memory.
 - :func:`read_subject` -- read and validate a file (raises :class:`SubjectFormatError`).
 - :func:`validate_subject_file` -- all problems of a file as a list of lines (empty: valid).
+- :func:`validate_subject_headers` -- the problems its headers show, no array read (the cohort driver).
 - :func:`write_subject` -- write exactly the spec, atomically.
 
 The checks themselves are tables in :mod:`refine_more.subject_rules` (root attributes) and
@@ -95,6 +96,14 @@ def _raise_if_any(P) -> None:
 def validate_subject_file(path) -> list[str]:
     """Every problem of a subject file, one line each (``"file: member 'x': ..."``); [] when valid."""
     P, _ = inspect_file(path, load_reference=True)
+    return P.lines
+
+
+def validate_subject_headers(path) -> list[str]:
+    """The problems a file's headers show (attributes, members, dtypes, shapes, declared sizes,
+    written storage), one line each; no array value is read, so this costs the same for any size.
+    The value checks (finite, not all zero, ...) happen when the file is read (:func:`read_subject`)."""
+    P, _ = inspect_file(path, load_reference=True, values=False)
     return P.lines
 
 

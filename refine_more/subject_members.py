@@ -4,30 +4,37 @@ Each required member (``kspace``, ``mask``) and each optional one (:data:`MEMBER
 dimensions, the shape the k-space implies; then checks of the values), the protocol the root
 attributes make, and the ``reference`` group. :func:`inspect_file` returns every problem and, when
 there is none, the fields of a :class:`refine_more.subject.Subject`.
+
+A file is checked in two passes. The first reads headers only: attributes, members, dtypes,
+shapes, declared sizes against a cap (:func:`max_member_bytes`) and whether each dataset's data
+was written (its allocated storage and chunks, from the file's index); the cohort driver stops
+there (``values=False``), so it costs the same for a 2 GB subject as for a tiny one. Only a file
+whose headers pass is read, once, for the checks of its values (finite, not all zero, masks 0/1).
 """
 from __future__ import annotations
 
-import dataclasses
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .protocol import Protocol
-from .subject_rules import Problems, as_str, check_attrs
+from .subject_rules import Problems, as_str, check_attrs, check_protocol, describe_exc
 
 REFERENCE_MAPS = ("T1F", "f", "kF", "I0")
+MAX_MEMBER_GIB_ENV = "REFINE_MORE_MAX_MEMBER_GIB"
+DEFAULT_MAX_MEMBER_GIB = 16.0    # the paper's k-space is 1.9 GB; 8× that and more is refused unread
+
+
+def max_member_bytes() -> int:
+    """The largest dataset a subject file may declare (``REFINE_MORE_MAX_MEMBER_GIB``, default 16)."""
+    return int(float(os.environ.get(MAX_MEMBER_GIB_ENV) or DEFAULT_MAX_MEMBER_GIB) * 2**30)
 
 
 # ------------------------------------------------------------------------------------------------
 # datasets
 # ------------------------------------------------------------------------------------------------
-def describe_exc(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _desc(ds) -> str:
     return f"{np.dtype(ds.dtype).name} {tuple(int(n) for n in ds.shape)}"
 
@@ -52,6 +59,35 @@ def _dataset(h5, name: str, P: Problems, required: bool):
         P.member(name, f"expected a dataset, got {type(obj).__name__}")
         return None
     return obj
+
+
+def _stored(ds, name: str, P: Problems) -> bool:
+    """The declared size is under the cap and the data were written; nothing is read.
+
+    An unwritten dataset has no storage; a contiguous one must hold all its bytes; a chunked one
+    (compressed or not: its storage may be far below the declared size) all its chunks."""
+    nbytes = int(np.prod(ds.shape, dtype=np.int64)) * np.dtype(ds.dtype).itemsize
+    cap = max_member_bytes()
+    if nbytes > cap:
+        P.member(name, f"declares {_desc(ds)} = {nbytes / 2**30:.1f} GiB, above the {cap / 2**30:g} GiB "
+                       f"a member may have (${MAX_MEMBER_GIB_ENV} raises it)")
+        return False
+    if nbytes == 0:
+        return True
+    stored = ds.id.get_storage_size()
+    if stored == 0:
+        P.member(name, f"declares {_desc(ds)} but holds no data: it was never written")
+        return False
+    if ds.chunks is None and stored < nbytes:
+        P.member(name, f"holds {stored} of its {nbytes} bytes: partly written")
+        return False
+    if ds.chunks is not None:
+        expected = int(np.prod([-(-n // c) for n, c in zip(ds.shape, ds.chunks)], dtype=np.int64))
+        written = ds.id.get_num_chunks()
+        if written < expected:
+            P.member(name, f"{written} of its {expected} chunks were written: partly written")
+            return False
+    return True
 
 
 def _read(ds, name: str, P: Problems) -> Optional[np.ndarray]:
@@ -87,8 +123,9 @@ MEMBERS = {
 }
 
 
-def _member(h5, name: str, shape: Optional[tuple], P: Problems) -> Optional[np.ndarray]:
-    """Read an optional member after checking its dtype and shape against :data:`MEMBERS`."""
+def _member(h5, name: str, shape: Optional[tuple], P: Problems, read: bool) -> Optional[np.ndarray]:
+    """An optional member after checking its dtype, shape and storage against :data:`MEMBERS`;
+    read when ``read``, else None."""
     rule = MEMBERS[name]
     ds = _dataset(h5, name, P, required=False)
     if ds is None:
@@ -97,11 +134,30 @@ def _member(h5, name: str, shape: Optional[tuple], P: Problems) -> Optional[np.n
     if not rule.dtype_ok(ds.dtype) or ds.ndim != ndim or (shape is not None and tuple(ds.shape) != shape):
         P.member(name, f"expected {rule.dtype_name} {shape if shape else rule.dims}, got {_desc(ds)}")
         return None
+    if not _stored(ds, name, P) or not read:
+        return None
     return _read(ds, name, P)
 
 
-def _check_kspace(h5, P: Problems):
-    """(kspace, T, C, zyx) of the required k-space; Nones where it fails."""
+def _kspace_values(kspace: np.ndarray, P: Problems) -> None:
+    """Finite and not all zero, one image at a time (no temporary the size of the k-space)."""
+    n_nan = n_inf = 0
+    zero = []
+    for t in range(kspace.shape[0]):
+        n_nan += int(np.isnan(kspace[t]).sum())
+        n_inf += int(np.isinf(kspace[t]).sum())
+        if not kspace[t].any():
+            zero.append(t)
+    if n_nan or n_inf:
+        P.member("kspace", f"contains non-finite values ({n_nan} NaN, {n_inf} Inf entries)")
+    if len(zero) == kspace.shape[0]:
+        P.member("kspace", "is all zero: no signal was recorded")
+    elif zero:
+        P.member("kspace", f"image(s) {zero} are all zero: no signal was recorded for them")
+
+
+def _check_kspace(h5, P: Problems, read: bool):
+    """(kspace, T, C, zyx) of the required k-space; Nones where it fails (kspace None unless ``read``)."""
     ds = _dataset(h5, "kspace", P, required=True)
     if ds is None:
         return None, None, None, None
@@ -112,14 +168,15 @@ def _check_kspace(h5, P: Problems):
         P.member("kspace", f"is empty, shape {tuple(ds.shape)}")
         return None, None, None, None
     T, C, zyx = int(ds.shape[0]), int(ds.shape[1]), tuple(int(n) for n in ds.shape[2:])
-    kspace = _read(ds, "kspace", P)
-    if kspace is not None and not np.isfinite(kspace).all():
-        n_nan, n_inf = int(np.isnan(kspace).sum()), int(np.isinf(kspace).sum())
-        P.member("kspace", f"contains non-finite values ({n_nan} NaN, {n_inf} Inf entries)")
+    if not _stored(ds, "kspace", P):
+        return None, None, None, None
+    kspace = _read(ds, "kspace", P) if read else None
+    if kspace is not None:
+        _kspace_values(kspace, P)
     return kspace, T, C, zyx
 
 
-def _check_mask(h5, T, C, zyx, P: Problems) -> Optional[np.ndarray]:
+def _check_mask(h5, T, C, zyx, P: Problems, read: bool) -> Optional[np.ndarray]:
     ds = _dataset(h5, "mask", P, required=True)
     if ds is None:
         return None
@@ -129,6 +186,8 @@ def _check_mask(h5, T, C, zyx, P: Problems) -> Optional[np.ndarray]:
         return None
     if T is not None and tuple(ds.shape) != (T, zyx[0], zyx[1]):
         P.member("mask", f"expected shape {expect} to match kspace {(T, C) + zyx}, got {tuple(ds.shape)}")
+        return None
+    if not _stored(ds, "mask", P) or not read:
         return None
     raw = _read(ds, "mask", P)
     mask = None if raw is None else _bool_mask(raw, "mask", P)
@@ -144,40 +203,21 @@ def _check_mask(h5, T, C, zyx, P: Problems) -> Optional[np.ndarray]:
     return mask
 
 
-def _check_protocol(a: dict, T, spath: str, P: Problems) -> Optional[Protocol]:
-    """Per-image attributes against the kspace's T, then the :class:`Protocol` they make."""
-    if T is not None:
-        for name in ("flip_angles_deg", "saturation"):
-            if name in a and len(a[name]) != T:
-                P.attr(name, f"has {len(a[name])} entries, but kspace has T = {T} images")
-                a.pop(name)
-        if "TR_s" in a and a["TR_s"].ndim == 1 and a["TR_s"].size not in (1, T):
-            P.attr("TR_s", f"has {a['TR_s'].size} entries, but kspace has T = {T} images")
-            a.pop("TR_s")
-    needed = ("flip_angles_deg", "saturation", "TR_s", "TE_s", "tau_exc_s", "tau_sat_s", "sat_pulse",
-              "sat_b1max_uT", "sat_offset_hz")
-    if not all(n in a for n in needed):
-        return None
-    names = {f.name for f in dataclasses.fields(Protocol)}
-    try:
-        return Protocol.from_attrs({k: v for k, v in a.items() if k in names})
-    except Exception as exc:
-        P.items.append(("protocol", f"{spath}: protocol attributes: {describe_exc(exc)}"))
-        return None
-
-
-def _check_optional(h5, C, zyx, P: Problems, notes: list) -> dict:
-    """coil_sens, tissue_mask and b1 (each None when absent or bad)."""
-    coil_sens = _member(h5, "coil_sens", (C,) + zyx if zyx is not None else None, P)
+def _check_optional(h5, C, zyx, P: Problems, notes: list, read: bool) -> dict:
+    """coil_sens, tissue_mask and b1 (each None when absent, bad or not ``read``)."""
+    coil_sens = _member(h5, "coil_sens", (C,) + zyx if zyx is not None else None, P, read)
     if coil_sens is not None and not np.isfinite(coil_sens).all():
         P.member("coil_sens", "contains non-finite values")
         coil_sens = None
-    raw = _member(h5, "tissue_mask", zyx, P)
+    if coil_sens is not None and not coil_sens.any():
+        P.member("coil_sens", "is all zero: no coil sees the object")
+        coil_sens = None
+    raw = _member(h5, "tissue_mask", zyx, P, read)
     tissue = None if raw is None else _bool_mask(raw, "tissue_mask", P)
     if tissue is not None and not tissue.any():
         P.member("tissue_mask", "is all false: no voxel to reconstruct")
         tissue = None
-    b1 = _member(h5, "b1", zyx, P)
+    b1 = _member(h5, "b1", zyx, P, read)
     problem = None if b1 is None else (
         "contains non-finite values" if not np.isfinite(b1).all()
         else f"must be positive (relative B1+), minimum is {float(b1.min())}" if (b1 < 0).any()
@@ -216,7 +256,7 @@ def _reference_value(arr, name: str, full: str, label_names, P: Problems) -> boo
     return True
 
 
-def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool) -> tuple:
+def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool, read: bool) -> tuple:
     """(reference dict, label names) of the optional ``reference`` group."""
     import h5py
 
@@ -247,7 +287,7 @@ def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool) -> tup
             continue
         if name == "labels":
             label_names = _label_names(ds, full, P, notes)
-        if not load:
+        if not _stored(ds, full, P) or not (load and read):
             continue
         arr = _read(ds, full, P)
         if arr is not None and _reference_value(arr, name, full, label_names, P):
@@ -258,12 +298,24 @@ def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool) -> tup
 # ------------------------------------------------------------------------------------------------
 # a whole file
 # ------------------------------------------------------------------------------------------------
+def _missing(spath: str) -> str:
+    """Why an existing name cannot be opened: a symlink loop or a dangling link; else not found."""
+    try:
+        os.stat(spath)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: the path never reaches a file"
+        if os.path.islink(spath):
+            return f"dangling symbolic link to {os.readlink(spath)!r}"
+    return "file not found"
+
+
 def _open(spath: str, P: Problems):
     """The open h5py.File, or None with the file-level problem recorded."""
     import h5py
 
     if not os.path.exists(spath):
-        P.file("file not found")
+        P.file(_missing(spath))
         return None
     if os.path.isdir(spath):
         P.file("is a directory, not a subject file")
@@ -283,9 +335,10 @@ def _open(spath: str, P: Problems):
         return None
 
 
-def inspect_file(path, load_reference: bool = True) -> tuple:
-    """Validate a subject file completely: ``(problems, fields)``, ``fields`` the keyword arguments
-    of a ``Subject`` when there is no problem, else None."""
+def inspect_file(path, load_reference: bool = True, values: bool = True) -> tuple:
+    """Validate a subject file: ``(problems, fields)``, ``fields`` the keyword arguments of a
+    ``Subject`` when there is no problem, else None. ``values=False``: headers only (the first
+    pass, see the module docstring; ``fields`` is then None)."""
     spath = os.fspath(path)
     P = Problems(spath)
     h5 = _open(spath, P)
@@ -293,13 +346,22 @@ def inspect_file(path, load_reference: bool = True) -> tuple:
         return P, None
     try:
         with h5:
-            return P, _inspect_open(h5, spath, P, load_reference)
+            return P, _inspect_open(h5, spath, P, load_reference, values)
     except Exception as exc:  # anything h5py/numpy raise on a damaged file
         P.file(f"truncated or corrupt ({type(exc).__name__}: {describe_exc(exc)})")
         return P, None
 
 
-def _inspect_open(h5, spath: str, P: Problems, load_reference: bool) -> Optional[dict]:
+def _members(h5, a: dict, spath: str, P: Problems, notes: list, load_reference: bool, read: bool) -> tuple:
+    kspace, T, C, zyx = _check_kspace(h5, P, read)
+    mask = _check_mask(h5, T, C, zyx, P, read)
+    protocol = check_protocol(a, T, spath, P)
+    optional = _check_optional(h5, C, zyx, P, notes, read)
+    reference, label_names = _check_reference(h5, T, C, zyx, P, notes, load_reference, read)
+    return kspace, mask, protocol, optional, reference, label_names
+
+
+def _inspect_open(h5, spath: str, P: Problems, load_reference: bool, values: bool) -> Optional[dict]:
     try:
         attrs = {k: h5.attrs[k] for k in h5.attrs.keys()}
     except Exception as exc:
@@ -308,12 +370,12 @@ def _inspect_open(h5, spath: str, P: Problems, load_reference: bool) -> Optional
     a = check_attrs(attrs, P)
     if a is None:
         return None   # not this format or not this version: nothing else is meaningful
+    _members(h5, dict(a), spath, P, [], load_reference, read=False)
+    if P.items or not values:
+        return None   # headers first: nothing is read from a file whose headers fail
     notes: list[str] = []
-    kspace, T, C, zyx = _check_kspace(h5, P)
-    mask = _check_mask(h5, T, C, zyx, P)
-    protocol = _check_protocol(a, T, spath, P)
-    optional = _check_optional(h5, C, zyx, P, notes)
-    reference, label_names = _check_reference(h5, T, C, zyx, P, notes, load_reference)
+    kspace, mask, protocol, optional, reference, label_names = _members(h5, a, spath, P, notes, load_reference,
+                                                                         read=True)
     if P.items:
         return None
     # mask is authoritative: unsampled entries are zeros

@@ -1,4 +1,5 @@
-"""The subject-file validator, part 1: the root attributes, checked by the rows of a table.
+"""The subject-file validator, part 1: the root attributes, checked by the rows of a table, and the
+protocol they make (:func:`check_protocol`: one entry per image, and enough images to fit).
 
 :data:`ATTRIBUTES` lists each attribute of format version 1 (spec `subject-format.md`) with
 whether it is required, what to say when it is missing and the check that parses it; the
@@ -7,15 +8,22 @@ so a file's every problem is reported at once (one line each, naming the file an
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from .names import SUBJECT_ID_RE
+from .protocol import Protocol
 
 FORMAT_NAME = "refine-more-subject"
 FORMAT_VERSION = 1
+
+
+def describe_exc(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 class Problems:
@@ -89,7 +97,7 @@ def _one_of(expected: str, what: str, keep: bool) -> Check:
     return check
 
 
-def _positive_floats(expected: str, one_d: bool) -> Check:
+def _positive_floats(expected: str, one_d: bool, upper: float, unit: str) -> Check:
     def check(v):
         a = _real(v)
         if a is None or a.ndim > 1:
@@ -97,6 +105,8 @@ def _positive_floats(expected: str, one_d: bool) -> Check:
         a = np.atleast_1d(a) if one_d else a
         if not np.all(np.isfinite(a)) or np.any(a <= 0):
             return None, f"must be finite and positive, got {a.tolist()}"
+        if np.any(a > upper):
+            return None, f"must be at most {upper:g} {unit} ({_UPPER_WHY}), got {a.tolist()}"
         return a, None
     return check
 
@@ -112,9 +122,12 @@ def _saturation(v):
 
 _RULES = {"pos": ("finite and positive", lambda x: x > 0), "nonneg": ("finite and >= 0", lambda x: x >= 0),
           "nonzero": ("finite and nonzero", lambda x: x != 0)}
+# Upper bounds (on |value|) far outside any BTS/MT protocol, so that a wrong unit or a typo (flip
+# angles of 1e9°, 1e6 µT) is refused instead of giving plausible but wrong maps.
+_UPPER_WHY = "beyond any BTS protocol: a wrong unit?"
 
 
-def _scalar(rule: str) -> Check:
+def _scalar(rule: str, upper: float = np.inf, unit: str = "", lower_abs: float = 0.0) -> Check:
     what, ok = _RULES[rule]
 
     def check(v):
@@ -124,6 +137,8 @@ def _scalar(rule: str) -> Check:
         x = float(a.reshape(()))
         if not np.isfinite(x) or not ok(x):
             return None, f"must be {what}, got {x}"
+        if not lower_abs <= abs(x) <= upper:
+            return None, f"|value| must be within [{lower_abs:g}, {upper:g}] {unit} ({_UPPER_WHY}), got {x:g}"
         return x, None
     return check
 
@@ -150,19 +165,19 @@ ATTRIBUTES = (
     Attribute("subject_id", True, _subject_id),
     Attribute("sequence", True, _one_of("BTS", "signal model", keep=False), "missing (expected 'BTS')"),
     Attribute("sat_pulse", True, _one_of("fermi", "pulse shape", keep=True), "missing (expected 'fermi')"),
-    Attribute("flip_angles_deg", True, _positive_floats("float[T]", one_d=True)),
+    Attribute("flip_angles_deg", True, _positive_floats("float[T]", one_d=True, upper=90.0, unit="degrees")),
     Attribute("saturation", True, _saturation),
-    Attribute("TR_s", True, _positive_floats("float or float[T]", one_d=False)),
-    Attribute("TE_s", True, _scalar("nonneg")),
-    Attribute("tau_exc_s", True, _scalar("pos")),
-    Attribute("tau_sat_s", True, _scalar("pos")),
-    Attribute("sat_b1max_uT", True, _scalar("nonneg")),
-    Attribute("sat_offset_hz", True, _scalar("nonzero")),
-    Attribute("T2R_s", False, _scalar("pos")),
-    Attribute("T1R_s", False, _scalar("pos")),
-    Attribute("sat_fermi_t0_s", False, _scalar("pos")),
-    Attribute("sat_fermi_a_s", False, _scalar("pos")),
-    Attribute("G0_s", False, _scalar("pos")),
+    Attribute("TR_s", True, _positive_floats("float or float[T]", one_d=False, upper=10.0, unit="s")),
+    Attribute("TE_s", True, _scalar("nonneg", 1.0, "s")),
+    Attribute("tau_exc_s", True, _scalar("pos", 0.01, "s")),
+    Attribute("tau_sat_s", True, _scalar("pos", 0.1, "s")),
+    Attribute("sat_b1max_uT", True, _scalar("nonneg", 50.0, "µT")),
+    Attribute("sat_offset_hz", True, _scalar("nonzero", 1e5, "Hz", lower_abs=100.0)),
+    Attribute("T2R_s", False, _scalar("pos", 1e-3, "s")),
+    Attribute("T1R_s", False, _scalar("pos", 10.0, "s")),
+    Attribute("sat_fermi_t0_s", False, _scalar("pos", 0.1, "s")),
+    Attribute("sat_fermi_a_s", False, _scalar("pos", 0.1, "s")),
+    Attribute("G0_s", False, _scalar("pos", 1e-3, "s")),
     Attribute("voxel_size_mm", True, _voxel_size),
 )
 
@@ -205,3 +220,41 @@ def check_attrs(attrs: dict, P: Problems) -> Optional[dict]:
         elif value is not None:
             out[rule.name] = value
     return out
+
+
+def _identifiable(a: dict, P: Problems) -> bool:
+    """The protocol determines I0, T1F and f: images with the saturation pulse off and on, and
+    two distinct flip angles among those without it (T1F by variable flip angle)."""
+    sat, fa = np.asarray(a["saturation"]), np.asarray(a["flip_angles_deg"])
+    if not (sat == 0).any() or not (sat == 1).any():
+        P.attr("saturation", f"needs images with the saturation pulse off and on to determine f, got {sat.tolist()}")
+        return False
+    if np.unique(fa[sat == 0]).size < 2:
+        P.attr("flip_angles_deg", "the images without saturation need 2 distinct flip angles to determine T1F, "
+                                  f"got {fa[sat == 0].tolist()}")
+        return False
+    return True
+
+
+def check_protocol(a: dict, T, spath: str, P: Problems) -> Optional[Protocol]:
+    """Per-image attributes against the kspace's T, then the :class:`Protocol` they make."""
+    if T is not None:
+        for name in ("flip_angles_deg", "saturation"):
+            if name in a and len(a[name]) != T:
+                P.attr(name, f"has {len(a[name])} entries, but kspace has T = {T} images")
+                a.pop(name)
+        if "TR_s" in a and a["TR_s"].ndim == 1 and a["TR_s"].size not in (1, T):
+            P.attr("TR_s", f"has {a['TR_s'].size} entries, but kspace has T = {T} images")
+            a.pop("TR_s")
+    needed = ("flip_angles_deg", "saturation", "TR_s", "TE_s", "tau_exc_s", "tau_sat_s", "sat_pulse",
+              "sat_b1max_uT", "sat_offset_hz")
+    if not all(n in a for n in needed):
+        return None
+    if not _identifiable(a, P):
+        return None
+    names = {f.name for f in dataclasses.fields(Protocol)}
+    try:
+        return Protocol.from_attrs({k: v for k, v in a.items() if k in names})
+    except Exception as exc:
+        P.items.append(("protocol", f"{spath}: protocol attributes: {describe_exc(exc)}"))
+        return None
