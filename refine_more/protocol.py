@@ -96,6 +96,21 @@ class Protocol:
         return cls(flip_angles_deg=fa, saturation=sat, TR_s=40e-3)
 
     @classmethod
+    def paper_phantom(cls, flip_angles_deg=(5.0, 10.0, 20.0, 40.0, 60.0)) -> "Protocol":
+        """The paper's phantom protocol (§3.2): TE/TR 12/80 ms, 500 µs hard pulses, an 8 ms Fermi
+        pulse of 9.128 µT at 4 kHz; each flip angle without, then with saturation."""
+        fa = tuple(flip_angles_deg) * 2
+        sat = (0,) * len(flip_angles_deg) + (1,) * len(flip_angles_deg)
+        return cls(flip_angles_deg=fa, saturation=sat, TR_s=80e-3, sat_b1max_uT=9.128)
+
+    @classmethod
+    def named(cls, name: str) -> "Protocol":
+        """One of `PROTOCOLS` by name ("in-vivo", "phantom")."""
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})")
+        return getattr(cls, PROTOCOLS[name])()
+
+    @classmethod
     def from_attrs(cls, attrs) -> "Protocol":
         """Build from a subject file's root attributes (a mapping); optional ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -178,3 +193,7 @@ class Protocol:
             "T1R_s": self.T1R_s,
             "phi_bs": self.phi_bs_nominal,
         }
+
+
+#: the paper's protocols by name: the classmethod of `Protocol` that builds each
+PROTOCOLS = {"in-vivo": "paper_in_vivo", "phantom": "paper_phantom"}
