@@ -245,7 +245,10 @@ def _from_dict(cls, d: dict, where: str):
             kwargs[name] = tuple(float(v) for v in value)
         else:
             kwargs[name] = _typed(f"{where}.{name}", value, hint)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:   # a nested table's own checks (HashEncodingConfig): name where it is
+        raise ValueError(f"{where}: {exc}" if where != "config" else str(exc)) from None
 
 
 def _small_hash(levels=8, log2=14, base=4, scale=1.5):

@@ -43,10 +43,6 @@ RANGES = {
     "adapt.iters_stage2": _int_at_least(0), "adapt.lr": _positive(), "adapt.lr_stage2": _positive(),
     "adapt.plateau_patience": _int_at_least(0), "adapt.plateau_rel": _non_negative(),
 }
-HASH_RANGES = {"n_levels": _int_at_least(1), "n_features_per_level": _int_at_least(1),
-               "log2_hashmap_size": (lambda v: isinstance(v, int) and 1 <= v <= 30, "an integer in [1, 30]"),
-               "base_resolution": _int_at_least(1),
-               "per_level_scale": (lambda v: math.isfinite(v) and v >= 1, "finite and >= 1")}
 #: number tuples whose every entry must be finite and >= 0
 NON_NEGATIVE_LISTS = ("unroll.map_smoothness", "unroll.map_edge_scale")
 
@@ -63,10 +59,7 @@ def _get(config, dotted: str):
 def range_problems(config) -> list:
     """Every value out of its range, one line each (``config.<key>: must be ..., got ...``)."""
     problems = []
-    keys = dict(RANGES)
-    for h in ("hash_time", "hash_images", "hash_maps"):
-        keys.update({f"inr.{h}.{k}": rule for k, rule in HASH_RANGES.items()})
-    for key, (ok, what) in keys.items():
+    for key, (ok, what) in RANGES.items():   # the hash encodings check their own (encoding.py)
         value = _get(config, key)
         if value is not None and not ok(value):
             problems.append(f"config.{key}: must be {what}, got {value!r}")
@@ -113,10 +106,22 @@ def read_config_file(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"config file {path}: cannot be read ({exc})") from None
-    data = _parse_toml(path, text) if path.suffix in (".toml", ".tml") else _parse_yaml(path, text)
+    if path.suffix == ".json":
+        data = _parse_json(path, text)
+    else:
+        data = _parse_toml(path, text) if path.suffix in (".toml", ".tml") else _parse_yaml(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a table of keys, got {type(data).__name__}")
     return data
+
+
+def _parse_json(path: Path, text: str):
+    import json
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg}") from None
 
 
 def _parse_toml(path: Path, text: str) -> dict:
@@ -138,7 +143,7 @@ def _parse_yaml(path: Path, text: str):
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"config file {path}: YAML/JSON syntax error{where}: {what}") from None
+        raise ValueError(f"config file {path}: YAML syntax error{where}: {what}") from None
     return {} if data is None else data
 
 

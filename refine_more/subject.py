@@ -54,6 +54,10 @@ class SubjectFormatError(ValueError):
         self.problems = list(problems) if problems else [message]
         super().__init__(message)
 
+    def __reduce__(self):
+        """Pickled with all its arguments: a Ray task's error reaches the driver as itself."""
+        return type(self), (self.path, self.member, str(self), self.problems)
+
 
 @dataclass
 class Subject:
