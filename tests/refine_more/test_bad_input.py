@@ -283,3 +283,19 @@ def test_a_subject_format_error_survives_pickling(tmp_path):
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is SubjectFormatError and str(back) == str(err)
     assert (back.path, back.member, back.problems) == (err.path, err.member, err.problems)
+
+
+def test_maps_and_nifti_take_the_umask_too(tmp_path):
+    """Every writer replaces the temporary's contents, not the file: the umask's mode survives."""
+    from refine_more.maps_io import write_maps
+    from refine_more.names import MAP_NAMES
+    shape = (2, 3, 4)
+    old = os.umask(0o022)
+    try:
+        write_maps(tmp_path, {k: np.ones(shape, np.float32) for k in MAP_NAMES}, np.ones(shape, bool),
+                   subject_id="s1", method="zf-fit", config_hash="x", voxel_size_mm=(1.0, 1.0, 1.0))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert "maps.h5" in modes and any(n.endswith(".nii.gz") for n in modes)
+    assert set(modes.values()) == {0o644}, modes
