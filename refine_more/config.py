@@ -42,6 +42,8 @@ class INRConfig:
     """Width of the hidden layers of MLP1 and MLP2."""
     mlp_layers: int = 3
     """Number of layers of MLP1 and MLP2."""
+    time_input_dims: int = 1
+    """Input dimensions of hash 1: 1, t alone; 2, the point (t, 0), as the public code feeds its 2-D grid."""
     hash_backend: Literal["auto", "torch", "tcnn"] = "auto"
     """Hash encoding implementation: 'tcnn' (tiny-cuda-nn, CUDA), 'torch', or 'auto' (tcnn when importable on CUDA)."""
 
@@ -54,6 +56,10 @@ class UnrollConfig:
     """Channels of the first layer of the shared residual U-Net."""
     unet_levels: int = 4            # number of 2× downsamplings
     """Number of 2× downsamplings of the U-Net."""
+    unet_out_kernel: int = 1
+    """Kernel size of the U-Net's last convolution (the public code's: 3)."""
+    refine_k: bool = True
+    """Refine k with the other maps (4 U-Net channels); False: k passes through (3, the paper's code)."""
     step_init: float = 1.0          # multiplies the line-searched initial step (see unrolled.py)
     """Multiplies the line-searched initial step of each unrolled iteration."""
     # differentiate through the gradient inside each phase (second-order unrolled backprop). Off by
@@ -266,8 +272,14 @@ PRESETS = {
 
 def preset(name: str) -> ReconConfig:
     """`paper`: the paper's sizes (GPU). `small`: CPU-sized. `tiny`: for tests (seconds)."""
-    if name == "paper":
-        return ReconConfig()
+    if name == "paper":  # docs/paper-departures.md lists what still differs, and why
+        grid = HashEncodingConfig(n_levels=16, n_features_per_level=2, log2_hashmap_size=19,
+                                  base_resolution=16, per_level_scale=2.0)
+        return ReconConfig(
+            k_band=(22.0, 24.0),                # the code's k = 23 + tanh(·)
+            inr=INRConfig(hash_time=grid, hash_images=grid, hash_maps=grid, time_input_dims=2),
+            unroll=UnrollConfig(preconditioner="none", refine_phase=False, refine_k=False, unet_out_kernel=3),
+            adapt=AdaptConfig(lr=1e-3, train_image_mlp=False))
     if name == "small":
         return ReconConfig(
             # stage 2 is short: after the converged warm start the learned iterations change nothing
@@ -277,22 +289,10 @@ def preset(name: str) -> ReconConfig:
             # the refinement otherwise wander inside the band and kF inherits the error)
             k_band=(23.0, 23.0),
             inr=INRConfig(hash_images=_small_hash(), hash_maps=_small_hash()),
-            # warm start + smoothness prior: measured better and faster at this size (README,
-            # benchmarks/quality.py): the regularised objective has a minimum, and L-BFGS gets
-            # (near) it in 256 iterations from any start, where 128 descent steps stopped ±1 % T1F
-            # apart depending on the start. The weights were chosen for the converged solver:
-            # (3e-4, 1e-4, 3e-3) gives T1F/f/kF ~3.4/4.2/4.8 % where (1e-3, 3e-4, 1e-2), tuned for
-            # the early-stopped descent, gives ~3.9/5.0/5.6 % when converged. `paper` keeps the
-            # paper's unroll until it is measured at full size on a GPU.
-            # 4 background-phase steps per map step in the descent (warm-up and learned iterations):
-            # the phase (a majorizer step) is what made the descent slow.
-            # Exact (second-order) unrolled backprop: from a converged warm start the first phase's
-            # line-searched step is the full Gauss–Newton step, whose map q ↦ q − H⁻¹∇g has a
-            # Jacobian ≈ 0 at the minimum; the first-order backprop takes it as the identity, and
-            # its wrong gradients drove stage 2 from loss 3 6.8e-4 to 4.0 (T1F 3.4 → 268 %) on
-            # cohort B sub-002, at lr 1e-3 and 1e-4 alike. Exact, loss 3 stays at 6.8e-4.
-            # a quartic polynomial phase per image on top of the shared one (B0 drift between
-            # acquisitions; docs/decisions/011)
+            # L-BFGS warm start + smoothness prior (decisions 004, 005: weights tuned for the
+            # converged solver); 4 phase steps per map step; exact unrolled backprop (from a
+            # converged warm start the first-order one diverged: decision 002); a quartic phase
+            # per image (B0 drift; decision 011)
             unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
                                 phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
                                 image_phase_order=4),
