@@ -32,6 +32,8 @@ RANGES = {
     "seed": _int_at_least(0), "lr": _positive(), "iters_stage1": _int_at_least(1),
     "iters_stage2": _int_at_least(0), "tv_weight": _non_negative(), "log_every": _int_at_least(1),
     "inr.mlp_hidden": _int_at_least(1), "inr.mlp_layers": _int_at_least(1),
+    "inr.time_input_dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+    "unroll.unet_out_kernel": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "unroll.iterations": _int_at_least(1), "unroll.unet_width": _int_at_least(1),
     "unroll.unet_levels": _int_at_least(0), "unroll.step_init": _positive(),
     "unroll.gn_damping": _non_negative(), "unroll.phase_steps": _int_at_least(0),

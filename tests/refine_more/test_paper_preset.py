@@ -81,3 +81,10 @@ def test_paper_refinement_passes_k_through(paper_runs):
     np.testing.assert_allclose(k_final, k_init, rtol=1e-5)
     assert not np.allclose(scratch.maps["f"][tissue], scratch.maps_init["f"][tissue])
     assert torch.all(torch.isfinite(unrolled.log_step))
+
+
+@pytest.mark.parametrize("override, message", [("inr.time_input_dims=4", "1, 2 or 3"),
+                                               ("unroll.unet_out_kernel=2", "odd integer")])
+def test_new_model_keys_are_range_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(preset("paper"), [override])
