@@ -134,7 +134,7 @@ class CohortTracker:
         self.log("warning: " + msg)
         self.enabled = False
         self.failure = f"failed: {what}: {reason}"
-        system.stop_system_metrics(self._monitor, flush=False)
+        system.stop_system_metrics(self._monitor, flush=False, wait_s=0)
         self._monitor = None
         self.save_journal(tracking=self.failure)
 

@@ -58,8 +58,9 @@ def gpu_monitored(monitor) -> bool:
                                        for m in monitor.monitors)
 
 
-def stop_system_metrics(monitor, flush: bool = True) -> None:
-    """Stop the monitor and log the samples it holds (one last point); bounded in time."""
+def stop_system_metrics(monitor, flush: bool = True, wait_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop the monitor and log the samples it holds (one last point), waiting ``wait_s`` at most
+    (0 after an MLflow error: the monitor may be retrying a dead server)."""
     if monitor is None:
         return
 
@@ -74,7 +75,7 @@ def stop_system_metrics(monitor, flush: bool = True) -> None:
 
     t = threading.Thread(target=_stop, daemon=True, name="stop-system-metrics")
     t.start()
-    t.join(STOP_TIMEOUT_S)
+    t.join(wait_s)
 
 
 def read_table(path):

@@ -126,3 +126,29 @@ def test_seed_from_mlflow_leaves_no_temporary_folder(tracked_run, tiny_config, t
     with pytest.raises(SeedSourceError, match="no seed state artifact"):
         resolve_seed_from("runs:/" + "0" * 32, tiny_config, rep.tracking_uri)
     assert list(tmpdir.iterdir()) == []
+
+
+def test_sync_without_journal_into_another_store(tracked_run, tmp_path, capsys):
+    """A folder without tracking.json (e.g. run with an older version) syncs from config.json and
+    the rows: a new parent, one child per row with its loss curve, ids written back; twice: no more."""
+    import shutil
+    from cohort import cli
+    _, out, _ = tracked_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "tracking.json"))
+    df = pd.read_parquet(copy / "results.parquet")
+    df["mlflow_run_id"], df["tracking"] = None, None
+    df.to_parquet(copy / "results.parquet")
+    uri = f"sqlite:///{tmp_path}/other.db"
+    assert cli.main(["sync-mlflow", str(copy), "--tracking-uri", uri]) == 0
+    assert cli.main(["sync-mlflow", str(copy), "--tracking-uri", uri]) == 0
+    assert "0 child run(s) logged" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("refine-more-cohort").experiment_id])
+    synced = pd.read_parquet(copy / "results.parquet")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + len(synced)
+    assert parents[0].data.params["config_hash"] == json.loads((copy / "config.json").read_text())["config_hash"]
+    assert set(synced.mlflow_run_id) == {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    ok = synced[synced.status == "ok"].mlflow_run_id.iloc[0]
+    assert len(client.get_metric_history(ok, "train/loss")) >= 2

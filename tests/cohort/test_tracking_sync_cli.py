@@ -1,0 +1,8 @@
+"""``refine-more cohort sync-mlflow`` refuses a folder that is not a cohort's output with one line."""
+from cohort.console import main
+
+
+def test_sync_mlflow_on_a_folder_without_results(tmp_path, capsys):
+    assert main(["cohort", "sync-mlflow", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err and "results.parquet" in err
