@@ -10,7 +10,7 @@ vial means (vials eroded in-plane by one voxel) of each method regressed on the 
 Each pass holds k as its config's `k_band` for every method, the reference fit included (the
 comparison the paper makes); `--k-band LOW HIGH` adds a pass with k free in that band.
 
-    python benchmarks/phantom.py [--matrix 6 48 48] [--coils 4] [--snr 200] [--seed 1]
+    python benchmarks/phantom.py [--matrix 4 48 48] [--coils 4] [--snr 200] [--seed 1]
                                  [--preset small] [--set KEY=VALUE ...] [--k-band LOW HIGH] [--out FILE]
 
 Writes benchmarks/results/phantom.json, phantom.md and phantom.png (Fig. 5B: one panel per map,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def markdown(out: dict) -> str:
     lines = [f"Simulated vial phantom ({len(out['vials'])} vials in a MnCl2 bath), matrix {tuple(out['matrix'])}, "
              f"{out['coils']} coils, SNR {out['snr']:g}, 1-D mask AF {out['acceleration']:g} with {out['calib_lines']} "
              f"central lines, phantom protocol; preset {out['preset']}. Vial means (eroded by 1 voxel) regressed on "
-             "the fully sampled fit's (estimate = slope·reference + intercept).", ""]
+             "the fully sampled fit's (estimate = slope·reference + intercept).", "", f"`{out['command']}`", ""]
     for ps in out["passes"]:
         lo, hi = ps["k_band"]
         lines += [f"### k {'held at ' + format(lo, 'g') if lo == hi else f'in [{lo:g}, {hi:g}]'} 1/s (every method and the reference)",
@@ -162,7 +163,7 @@ def maps_png(path, ps: dict, truth: dict, mask) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--matrix", type=int, nargs=3, default=[6, 48, 48])
+    ap.add_argument("--matrix", type=int, nargs=3, default=[4, 48, 48])
     ap.add_argument("--coils", type=int, default=4)
     ap.add_argument("--snr", type=float, default=200.0)
     ap.add_argument("--acc", type=float, default=4.0)
@@ -190,7 +191,7 @@ def main():
     log(f"LLR images in {images['llr-fit'][1]:.1f} s", t0)
     configs = [config] + ([config.replace(k_band=tuple(args.k_band))] if args.k_band else [])
     passes = [run_pass(subject, c, images, masks, t0) for c in configs]
-    out = {"matrix": list(args.matrix), "coils": args.coils, "snr": args.snr, "acceleration": args.acc,
+    out = {"command": " ".join(["python benchmarks/phantom.py", *sys.argv[1:]]), "matrix": list(args.matrix), "coils": args.coils, "snr": args.snr, "acceleration": args.acc,
            "calib_lines": pc.calib_lines, "seed": args.seed, "preset": args.preset, "overrides": args.set,
            "config_hash": config.hash(), "vials": list(masks), "vial_voxels": {v: int(m.sum()) for v, m in masks.items()},
            "protocol": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in subject.protocol.to_attrs().items()},

@@ -97,6 +97,15 @@ class INR(nn.Module):
         with torch.no_grad():
             self.mlp_maps[-1].weight.mul_(0.1)
         self._points = None
+        self.image_coordinates = None   # t of each image in [0, 1]; None: (i + 0.5) / T
+
+    def set_image_coordinates(self, t) -> None:
+        """Place the images at these t in [0, 1] (e.g. the acquired ones of a larger series, or
+        coordinates never acquired, to synthesise them); None restores (i + 0.5) / T."""
+        self.image_coordinates = None if t is None else torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        if self.image_coordinates is not None:
+            self.n_images = int(self.image_coordinates.numel())
+        self._points = None
 
     # the temporal / spatial parts of the module, as adaptation freezes or retrains them
     def temporal_modules(self):
@@ -114,7 +123,8 @@ class INR(nn.Module):
         coordinates for tcnn, precomputed interpolation matrices for the torch backend."""
         if self._points is None or self._points[0] != device:
             xyz = grid_coordinates(self.shape, device)
-            t = ((torch.arange(self.n_images, dtype=torch.float32, device=device) + 0.5) / self.n_images)[:, None]
+            t = (((torch.arange(self.n_images, dtype=torch.float32, device=device) + 0.5) / self.n_images)
+                 if self.image_coordinates is None else self.image_coordinates.to(device))[:, None]
             # (t, 0, …): the public code's 2-D hash 1 on a line (see INRConfig.time_input_dims)
             t = torch.cat([t, t.new_zeros(self.n_images, self.config.time_input_dims - 1)], dim=1)
             use_tcnn = device.type == "cuda" and tcnn_available() and self.config.hash_backend in ("auto", "tcnn")

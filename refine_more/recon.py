@@ -270,7 +270,8 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
         history=run.history, timings=run.timings,
         iterations={"stage1": run.done.get("stage1", 0), "stage2": run.done.get("stage2", 0)},
         config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
-        b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config},
+        b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
+                                         "data_scale": prob.data_scale},
     )
 
 
