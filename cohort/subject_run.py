@@ -34,10 +34,12 @@ def _fresh_dir(odir: Path) -> None:
 def _write_outputs(odir: Path, sid: str, mode: str, subject, result, config) -> dict:
     """Maps, resolved config, montage, history and loss curves; returns their paths and the history."""
     from refine_more.maps_io import write_maps
+    from refine_more.synthesis import INR_FILE, save_inr
 
     maps_path = write_maps(odir, result.maps, result.tissue_mask, subject_id=sid, method=result.method,
                            config_hash=result.config_hash, voxel_size_mm=subject.voxel_size_mm)
     write_json(odir / CONFIG_FILE, {"config_hash": config.hash(), "config": config.to_dict()})
+    save_inr(odir / INR_FILE, result)          # what `refine-more synthesize` needs
     title = f"{sid} {mode} ({result.method})"
     montage_path = plots.montage(odir / "montage.png", result.maps, subject.reference, result.tissue_mask, title)
     history = [{k: clean(v) for k, v in h.items()} for h in result.history]

@@ -201,6 +201,8 @@ def _write_recon(out: Path, args, subject, config, result) -> None:
                voxel_size_mm=subject.voxel_size_mm)
     atomic_write_text(out / "config.json", json.dumps({"config_hash": config.hash(), "config": config.to_dict()},
                                                       indent=1))
+    from .synthesis import INR_FILE, save_inr
+    save_inr(out / INR_FILE, result)           # what `refine-more synthesize` needs
     ref = {k: subject.reference[k] for k in MAP_NAMES if k in subject.reference} or None
     montage_png(out / "montage.png", result.maps, ref, title=f"{subject.subject_id} {result.method}")
     loss_png(out / "loss.png", result.history, title=subject.subject_id)

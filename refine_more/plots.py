@@ -20,6 +20,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path, title: str) -> str:
+    """Title, tight layout, an atomic PNG write, and the figure closed."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(str(path)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return str(path)
+
+
 def global_steps(history: list) -> list:
     """Global iteration index of each history entry: stage-2 iterations follow the last of stage 1."""
     n1 = max((int(h["iteration"]) + 1 for h in history if h.get("stage") == 1), default=0)
@@ -51,12 +61,7 @@ def montage_png(path, maps: dict, reference: dict | None = None, title: str = ""
             im = ax.imshow(img, cmap=cmap, vmin=rng[0], vmax=rng[1], origin="lower")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             ax.set_title((f"{name} ({unit})" if unit else name) if r == 0 else f"{label}: {name}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path, title)
 
 
 def loss_png(path, history: list, title: str = ""):
@@ -84,8 +89,17 @@ def loss_png(path, history: list, title: str = ""):
         ax.set_xlabel("iteration")
         ax.set_ylabel("nRMSE (%)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(str(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path, "")
+
+
+def montage_images_png(path, images: np.ndarray, labels: list, title: str = "", slice_index: int | None = None):
+    """Magnitude images (N, Z, Y, X), one panel each, central slice, one grey scale for all."""
+    plt = _plt()
+    z = images.shape[1] // 2 if slice_index is None else slice_index
+    hi = float(np.percentile(images[:, z], 99.5)) or 1.0
+    fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.6), squeeze=False)
+    for ax, img, label in zip(axes[0], images, labels):
+        ax.imshow(img[z], cmap="gray", vmin=0.0, vmax=hi, origin="lower")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    return _save(plt, fig, path, title)
