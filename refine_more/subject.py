@@ -124,8 +124,9 @@ def read_subject(path, *, load_reference: bool = True) -> Subject:
     return Subject(**fields)
 
 
-def write_subject(path, subject: Subject, *, compression: Optional[str] = None) -> None:
-    """Write ``subject`` exactly as the spec says, atomically (temp file + ``os.replace``).
+def write_subject(path, subject: Subject, *, compression: Optional[str] = None) -> str:
+    """Write ``subject`` exactly as the spec says, atomically (temp file + ``os.replace``); returns
+    the path.
 
     ``compression``: None (default, fastest) or 'lzf'.
     """
@@ -168,3 +169,4 @@ def write_subject(path, subject: Subject, *, compression: Optional[str] = None) 
                         d.attrs["names"] = [str(n) for n in subject.label_names]
                 else:
                     g.create_dataset(name, data=np.asarray(arr, dtype=np.float32), **kw)
+    return path
