@@ -128,12 +128,23 @@ def _sync_children(tracker: CohortTracker, rows: list, lora_rank) -> tuple:
 
 def sync_mlflow(out_dir, tracking_uri: Optional[str] = None, experiment: Optional[str] = None,
                 log=print) -> SyncReport:
-    """Log the parent run and every missing child run of the cohort output ``out_dir``."""
-    import pandas as pd
+    """Log the parent run and every missing child run of the cohort output ``out_dir``, under the
+    folder's lock (not while a cohort run writes it)."""
+    from .guards import RunRefused, output_lock
 
     out_dir = Path(out_dir).resolve()
     if not (out_dir / RESULTS_FILE).is_file():
         raise SyncError(f"{out_dir}: no {RESULTS_FILE} (not a cohort output folder)")
+    try:
+        with output_lock(out_dir):
+            return _sync(out_dir, tracking_uri, experiment, log)
+    except RunRefused as exc:
+        raise SyncError(str(exc).split("; wait")[0]) from None
+
+
+def _sync(out_dir: Path, tracking_uri, experiment, log) -> SyncReport:
+    import pandas as pd
+
     rows = [_clean(r) for r in pd.read_parquet(out_dir / RESULTS_FILE).to_dict("records")]
     journal = read_journal(out_dir) or _fallback_parent(out_dir, rows)
     uri = (tracking_uri or journal.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")

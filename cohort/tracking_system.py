@@ -20,7 +20,7 @@ from typing import Optional
 SAMPLING_INTERVAL_S = 2.0
 SAMPLES_PER_POINT = 5
 STOP_TIMEOUT_S = 30.0        # a monitor stuck on a dead server is left behind (daemon thread)
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 10.0
 
 
 def check_reachable(uri: str) -> None:
