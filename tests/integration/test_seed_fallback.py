@@ -52,3 +52,22 @@ def test_a_failed_seed_falls_back_to_the_next_subject(local_ray, sim_cohort, tin
     assert [f["seed"] for f in summary["seed_failures"]] == ["sub-001"]
     assert (subject_dir(out, "sub-002", "scratch") / SEED_STATE_FILE).is_file()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_seed_with_bad_values_falls_back(local_ray, sim_cohort, tiny_config, tmp_path):
+    """All-zero k-space passes the driver's header checks and fails in the seed's task."""
+    import shutil
+
+    import h5py
+    data = tmp_path / "data"
+    shutil.copytree(sim_cohort.parent, data)
+    with h5py.File(data / "sub-001.h5", "r+") as f:
+        f["kspace"][...] = 0
+    lines = []
+    rep = run_cohort(data / "manifest.parquet", tmp_path / "out", mode="adapted", config=tiny_config, progress=False,
+                     tracking=False, log=lines.append)
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index(["subject_id", "mode"])
+    assert "is all zero" in df.loc[("sub-001", "scratch"), "error"] and rep.seed_subject == "sub-002"
+    assert any("falling back to sub-002 as the seed" in line for line in lines), lines
+    ok = df[df.status == "ok"].xs("adapted", level="mode")
+    assert sorted(ok.index) == ["sub-002", "sub-003", "sub-004"] and (ok.seed_subject == "sub-002").all()
