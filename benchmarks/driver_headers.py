@@ -128,13 +128,15 @@ def main(argv=None) -> None:
               "declared_gb_per_subject": 2 * T * C * Z * Y * X * 8 / 1e9 + C * Z * Y * X * 8 / 1e9,
               "disk_mb_total": sum(f.stat().st_size for f in files) / 1e6,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "command": "python benchmarks/driver_headers.py --subjects %d" % args.subjects}
+              "command": "python benchmarks/driver_headers.py --subjects %d" % args.subjects,
+              "load_average_1min_at_start": os.getloadavg()[0]}   # wall times scale with a shared machine's load
     for how in ("imports", "headers", "full_read"):
         result[how] = measure(how, manifest)
         print(how, result[how], flush=True)
     if args.old_tree:
         result["full_read_old"] = {**measure("headers", manifest, args.old_tree), "tree": args.old_tree}
         print("full_read_old", result["full_read_old"], flush=True)
+    result["load_average_1min_at_end"] = os.getloadavg()[0]
     result["speedup"] = result["full_read"]["wall_s"] / max(result["headers"]["wall_s"], 1e-9)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
