@@ -37,7 +37,7 @@ class Server:
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 300       # a loaded 2-core machine took 100 s
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2):
