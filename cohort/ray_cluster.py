@@ -69,22 +69,23 @@ def check_num_cpus(num_cpus: Optional[int]) -> None:
         raise RunRefused(f"--num-cpus {num_cpus}: a local Ray needs at least 1 CPU to run anything")
 
 
-def _largest_node() -> dict:
+def _alive_nodes() -> list:
+    """``{"CPU": n, "GPU": n}`` of each alive node."""
     import ray
-    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    return {k: max((float(r.get(k, 0)) for r in alive), default=0.0) for k in ("CPU", "GPU")}
+    return [{k: float(n.get("Resources", {}).get(k, 0)) for k in ("CPU", "GPU")} for n in ray.nodes() if n.get("Alive")]
 
 
 def wait_for_fitting_node(cpus_per_task: float, gpus_per_task: float, wait_s: float = 0.0, log=print) -> None:
-    """Return once some alive node has ``cpus_per_task`` CPUs and ``gpus_per_task`` GPUs (one task
-    runs on one node); else, after ``wait_s`` (an autoscaler may add such a node), :class:`RunRefused`."""
+    """Return once one alive node has both ``cpus_per_task`` CPUs and ``gpus_per_task`` GPUs (a
+    task runs on one node); else, after ``wait_s`` (an autoscaler may add such a node), :class:`RunRefused`."""
     if cpus_per_task < 0 or gpus_per_task < 0:
         raise RunRefused(f"--cpus-per-task {cpus_per_task:g} / --gpus-per-task {gpus_per_task:g} must be >= 0")
     deadline, said = time.monotonic() + wait_s, False
     while True:
-        big = _largest_node()
-        if big["CPU"] >= cpus_per_task and big["GPU"] >= gpus_per_task:
+        nodes = _alive_nodes()
+        if any(n["CPU"] >= cpus_per_task and n["GPU"] >= gpus_per_task for n in nodes):
             return
+        big = {k: max((n[k] for n in nodes), default=0.0) for k in ("CPU", "GPU")}
         if time.monotonic() >= deadline:
             raise RunRefused(f"--cpus-per-task {cpus_per_task:g} --gpus-per-task {gpus_per_task:g}: no node of the "
                              f"Ray cluster has that much (largest: {big['CPU']:g} CPUs, {big['GPU']:g} GPUs); "
