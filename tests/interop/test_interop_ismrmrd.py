@@ -71,7 +71,7 @@ def test_tiny_recon_of_the_imported_file_equals_the_original(original, round_tri
         np.testing.assert_array_equal(a.maps[name], b.maps[name])
 
 
-def _scanner_like_file(path, *, user=True, T=2, C=2, shape=(4, 6, 8), noise=True, repeat=True):
+def _scanner_like_file(path, *, user=True, T=3, C=2, shape=(4, 6, 8), noise=True, repeat=True):
     """A file written line by line with ismrmrd, as a converter would: centre at index 2 on an
     axis of 6 (step_1), noise scan first, readout centre at sample 4 of 8, repetitions for images."""
     Z, Y, X = shape
@@ -86,7 +86,7 @@ def _scanner_like_file(path, *, user=True, T=2, C=2, shape=(4, 6, 8), noise=True
                 kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=Y - 1, center=2),
                 kspace_encoding_step_2=xsd.limitType(minimum=0, maximum=Z - 1, center=Z // 2)),
             trajectory=xsd.trajectoryType.CARTESIAN)],
-        sequenceParameters=xsd.sequenceParametersType(TR=[30.0], TE=[5.0], flipAngle_deg=[10.0, 20.0]),
+        sequenceParameters=xsd.sequenceParametersType(TR=[30.0], TE=[5.0], flipAngle_deg=[10.0, 20.0, 20.0]),
         userParameters=xsd.userParametersType(
             userParameterDouble=[xsd.userParameterDoubleType(name=n, value=v) for n, v in
                                  (("tau_exc_s", 5e-4), ("tau_sat_s", 8e-3), ("sat_b1max_uT", 7.3),
@@ -119,14 +119,14 @@ def test_scanner_like_file_placement(tmp_path):
     report = import_ismrmrd(tmp_path / "raw.h5", tmp_path / "s.h5", subject_id="p01")
     s = read_subject(tmp_path / "s.h5")
     assert report["image_index"] == "repetition" and "1 non-imaging acquisitions skipped" in report["notes"]
-    assert s.kspace.shape == (2, 2, 4, 6, 8)
+    assert s.kspace.shape == (3, 2, 4, 6, 8)   # 3 images: the fewest that determine the maps
     for (t, z, step1), data in lines.items():
         y = step1 - 2 + 6 // 2                                # the encoding centre (2) lands at Y // 2
         np.testing.assert_allclose(s.kspace[t, :, z, y, :], data, rtol=1e-6)
         assert s.mask[t, z, y]
-    assert s.mask.sum() == 2 * 4 * 3
-    assert s.protocol.TR_s == (0.03, 0.03) and s.protocol.TE_s == pytest.approx(5e-3)
-    assert s.protocol.saturation == (0, 1)
+    assert s.mask.sum() == 3 * 4 * 3
+    assert s.protocol.TR_s == (0.03,) * 3 and s.protocol.TE_s == pytest.approx(5e-3)
+    assert s.protocol.saturation == (0, 1, 0)
     np.testing.assert_allclose(s.voxel_size_mm, [3.0, 2.0, 1.0])
 
 
