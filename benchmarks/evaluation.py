@@ -73,6 +73,7 @@ def main():
         def record(method, maps, t):
             per_subject[method].append(subject_scores(maps, ref, labels))
             seconds[method].append(t)
+            tqdm.write(f"{subject.subject_id} {method}: {t:.1f} s")   # long runs show where they are
 
         t = time.perf_counter()
         zf = zero_filled_images(torch.from_numpy(subject.kspace), torch.from_numpy(subject.coil_sens)).numpy()

@@ -169,7 +169,7 @@ def mlflow_server(tmp_path):
         cwd=db.parent, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 300   # ~100 s on a loaded 2-core machine
         while True:
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
