@@ -9,9 +9,7 @@ import time
 
 import pytest
 
-from cohort.driver import run_cohort
 from cohort.guards import LOCK_FILE, RunRefused, output_lock
-from cohort.manifest import ManifestError
 
 HOLD = ("import sys, time\nfrom cohort.guards import output_lock\n"
         "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
@@ -61,8 +59,3 @@ def test_num_cpus_zero_is_refused_before_anything_starts(sim_cohort, tmp_path):
     assert p.returncode == 2 and "--num-cpus 0" in p.stderr and "at least 1 CPU" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists()
 
-
-def test_a_rejected_manifest_leaves_no_output_folder(tmp_path):
-    with pytest.raises(ManifestError):
-        run_cohort(tmp_path / "missing.parquet", tmp_path / "out", tracking=False, progress=False)
-    assert not (tmp_path / "out").exists()
