@@ -5,12 +5,16 @@ Runs a short schedule of the chosen preset (default `paper`) and extrapolates to
 multi-coil operator A = U F C at that size, which every stage-1 iteration needs at least once.
 
     python benchmarks/full_size.py [--matrix 48 176 176] [--coils 20] [--preset paper]
-                                   [--iters 20 5] [--device auto] [--out FILE]
+                                   [--iters 20 5] [--device auto] [--subject FILE] [--out FILE]
 
-Writes benchmarks/results/full_size.json (device, seconds per iteration per stage, the FFT floor,
-peak GPU memory, the rise of host memory during the reconstruction, the extrapolated schedule).
-`--set image_chunk=1` runs the INR's losses one image at a time (memory). On a CPU use a smaller --matrix: the full size is
-hours there.
+The subject is simulated in a child process into a temporary HDF5 file (the simulator's float64
+intermediates never share this process's peak) unless `--subject` names one; the reconstruction
+does not hold `reference/kspace_full`. Writes benchmarks/results/full_size_<device>.json: seconds
+per iteration per stage, the FFT floor and the ratios, peak GPU memory, the peak host RSS of the
+whole process and of each phase (set-up incl. the interpolation matrices, stage 1, stage 2), the
+load average (other processes distort the seconds on a shared machine; the ratios to the floor
+measured in the same run are what compare), the extrapolated schedule.
+`--set image_chunk=1` runs the data terms one image at a time and checkpoints the U-Net (memory).
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,11 +36,12 @@ import torch
 from refine_more.config import apply_overrides, preset
 from refine_more.operators import MultiCoilCartesian
 from refine_more.physics import resolve_device
-from refine_more.recon import reconstruct
-from refine_more.simulate import SimulationConfig, simulate_subject
+from refine_more.recon import finish, setup, train_inr, train_refinement
+from refine_more.subject import read_subject
 from timing import time_calls
 
 RESULTS = Path(__file__).parent / "results"
+GiB = 2**30
 
 
 def fft_floor(subject, device, repeats: int = 5) -> float:
@@ -73,6 +81,60 @@ class RSSSampler:
         self.peak = max(self.peak, self.rss())
 
 
+def simulate_to_file(matrix, coils: int, path: str) -> float:
+    """Simulate in a child process (its memory is not ours) and write the subject; its peak RSS."""
+    code = ("import sys; from refine_more.simulate import SimulationConfig, simulate_subject; "
+            "from refine_more.subject import write_subject; "
+            f"write_subject(sys.argv[1], simulate_subject('sub-full', SimulationConfig(matrix={tuple(matrix)}, "
+            f"n_coils={coils}), seed=1))")
+    subprocess.run([sys.executable, "-c", code, path], check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def components(run) -> dict:
+    """GiB held by the large tensors of a reconstruction (what the per-phase peaks are made of)."""
+    def size(*ts):
+        return sum(t.numel() * t.element_size() for t in ts if t is not None) / GiB
+
+    out = {"kspace (normalised)": size(run.physics.kspace),
+           "subject kspace (numpy)": run.subject.kspace.nbytes / GiB,
+           "coil maps (+ sign-folded)": size(run.physics.A.coil_sens, run.physics.A._coils_mod),
+           "parameters (INR + U-Net)": size(*run.inr.parameters(), *run.unrolled.parameters())}
+    seen = set()
+    for name, fp in zip(("hash 2", "hash 1", "hash 3"), run.inr._points[1]):
+        mats = [m for m in (getattr(fp, "S", None), getattr(fp, "St", None)) if m is not None and id(m) not in seen]
+        seen.update(id(m) for m in mats)
+        out[f"interpolation {name}"] = sum(size(m.crow_indices(), m.col_indices(), m.values()) for m in mats)
+    return out
+
+
+def load_average() -> list:
+    return list(os.getloadavg())
+
+
+def reconstruct_measured(subject, config, log, save):
+    """`recon.reconstruct`, phase by phase, with the peak RSS of each; `save(partial)` after each
+    phase (a run stopped in stage 2 still leaves set-up's and stage 1's numbers)."""
+    peaks = {}
+    phases = (("setup", None), ("stage1", train_inr), ("stage2", train_refinement))
+    run = final = None
+    for name, step in phases:
+        with RSSSampler() as rss:
+            if step is None:
+                run = setup(subject, config, track_reference=True)
+                with torch.no_grad():
+                    run.inr.map_channels()      # builds the interpolation matrices (else: stage 1's first iteration)
+                run.timings["setup"] = time.perf_counter() - run.t_start
+            else:
+                final = step(run)
+        peaks[name] = rss.peak / GiB
+        log(f"{name} {run.timings[name]:.1f} s, peak RSS {peaks[name]:.2f} GiB")
+        save({"phase_done": name, "peak_host_rss_by_phase_GiB": peaks, "timings_s": dict(run.timings), "iterations": dict(run.done),
+              "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "held_GiB": components(run)})
+    return finish(run, final), peaks, components(run)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--matrix", type=int, nargs=3, default=[48, 176, 176])
@@ -80,18 +142,28 @@ def main():
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--iters", type=int, nargs=2, default=[20, 5], help="stage 1 and stage 2 iterations to time")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--subject", help="a subject file to use (simulated into it when it does not exist)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set image_chunk=1")
-    ap.add_argument("--profile", action="store_true",
-                    help="also: peak memory of stage 1 alone, and torch.profiler's top operations of a short run")
-    ap.add_argument("--out", default=str(RESULTS / "full_size.json"))
+    ap.add_argument("--out", help="default: benchmarks/results/full_size_<device>.json")
     args = ap.parse_args()
 
+    def log(msg):
+        print(f"[full_size {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
     device = resolve_device(args.device)
+    load = {"before": load_average()}
     t = time.perf_counter()
-    subject = simulate_subject("sub-full", SimulationConfig(matrix=tuple(args.matrix), n_coils=args.coils), seed=1)
+    with tempfile.TemporaryDirectory(prefix="full_size_") as tmp:
+        path, simulate_rss = args.subject or os.path.join(tmp, "sub-full.h5"), None
+        if not os.path.exists(path):      # --subject FILE that does not exist yet: simulated into it, kept
+            simulate_rss = simulate_to_file(args.matrix, args.coils, path)
+            log(f"simulated in {time.perf_counter() - t:.0f} s (child peak RSS {simulate_rss:.2f} GiB)")
+        subject = read_subject(path)
+    subject.reference.pop("kspace_full", None)        # never used by the reconstruction
     simulate_s = time.perf_counter() - t
     floor = fft_floor(subject, device)
+    log(f"FFT floor {floor:.3f} s")
 
     full = apply_overrides(preset(args.preset), args.set)
     n1, n2 = args.iters
@@ -99,34 +171,37 @@ def main():
     config = full.replace(iters_stage1=n1, iters_stage2=n2, device=str(device), progress=False, log_every=max(n1, n2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with RSSSampler() as rss:
-        result = reconstruct(subject, config)
+    out_path = Path(args.out or RESULTS / f"full_size_{device.type}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"device": str(device), "preset": args.preset, "matrix": list(subject.shape), "overrides": args.set,
+            "fft_floor_s": floor, "simulate_peak_rss_GiB": simulate_rss, "load_average_1_5_15": load}
+    save = lambda partial: out_path.write_text(json.dumps({**head, "complete": False, **partial}, indent=1))  # noqa: E731
+    result, peaks, sizes = reconstruct_measured(subject, config, log, save)
+    load["after"] = load_average()
     tm = result.timings
     per1 = tm["stage1"] / max(1, result.iterations["stage1"])
     per2 = (tm["stage2"] - tm["warm_start"]) / max(1, result.iterations["stage2"])  # the warm start runs once
     out = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "preset": args.preset, "matrix": args.matrix, "coils": args.coils, "images": subject.n_images,
-        "simulate_s": simulate_s, "fft_floor_s": floor, "timings_s": tm, "iterations": result.iterations,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average_1_5_15": load,
+        "preset": args.preset, "matrix": list(subject.shape), "coils": int(subject.coil_sens.shape[0]),
+        "images": subject.n_images, "simulate_s": simulate_s, "simulate_peak_rss_GiB": simulate_rss,
+        "fft_floor_s": floor, "timings_s": tm, "iterations": result.iterations,
         "stage1_s_per_iteration": per1, "stage2_s_per_iteration": per2,
         "stage1_over_fft_floor": per1 / floor, "stage2_over_fft_floor": per2 / floor,
         "full_schedule": {"iters_stage1": full.iters_stage1, "iters_stage2": full.iters_stage2,
                           "warm_start_steps": full.unroll.warm_start_steps,
                           "extrapolated_s": tm["setup"] + per1 * full.iters_stage1 + tm["warm_start"]
                           + per2 * full.iters_stage2},
-        "peak_gpu_memory_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_gpu_memory_GiB": torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None,
         "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "recon_host_rss_rise_GiB": (rss.peak - rss.start) / 2**30,
-        "overrides": args.set,
+        "peak_host_rss_by_phase_GiB": peaks, "held_GiB": sizes,
+        "overrides": args.set, "complete": True,
         "final_losses": result.final_losses(),
         "final_nrmse": {k: v for k, v in result.history[-1].items() if k.startswith("nrmse_")},
     }
-    if args.profile:
-        out["profile"] = profile(subject, config, device)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    out_path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 

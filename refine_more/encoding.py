@@ -342,7 +342,9 @@ class HashEncoding(nn.Module):
         transpose (a CSC view of S converted), without another sorted copy of the COO."""
         x = self._check_x(x)
         N, L, R = x.shape[0], self.n_levels, self.n_rows
-        crow, cols, vals, nnz = [torch.zeros(1, dtype=torch.int64, device=x.device)], [], [], 0
+        # int32 indices when they fit (CSR takes either): the indices are 2/3 of S's bytes in int64
+        idx = torch.int32 if max(N * L * 2**self.n_input_dims, R) < 2**31 else torch.int64
+        crow, cols, vals, nnz = [torch.zeros(1, dtype=idx, device=x.device)], [], [], 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
             for p0 in range(0, N, block_points):
@@ -354,8 +356,8 @@ class HashEncoding(nn.Module):
                     torch.stack([r, rows.reshape(-1)]), weights.reshape(-1).to(torch.float32),
                     (n * L, R), check_invariants=False).coalesce().to_sparse_csr()  # sums duplicates
                 del rows, weights, r
-                crow.append(block.crow_indices()[1:] + nnz)
-                cols.append(block.col_indices())
+                crow.append((block.crow_indices()[1:] + nnz).to(idx))
+                cols.append(block.col_indices().to(idx))
                 vals.append(block.values())
                 nnz += block.values().numel()
             S = torch.sparse_csr_tensor(torch.cat(crow), torch.cat(cols), torch.cat(vals), (N * L, R),
@@ -365,10 +367,17 @@ class HashEncoding(nn.Module):
                 St = S.t().to_sparse_csr()
             except (RuntimeError, NotImplementedError):  # a build without CSC → CSR: the COO route
                 St = S.to_sparse_coo().t().coalesce().to_sparse_csr()
+                St = torch.sparse_csr_tensor(St.crow_indices().to(idx), St.col_indices().to(idx), St.values(),
+                                             St.shape, check_invariants=False)
         return FixedPoints(S, St, N, L, self.n_features_per_level, self._signature())
 
+    def accepts(self, fp: FixedPoints) -> bool:
+        """Whether `fp` (precomputed by any encoding) is this encoding's matrix for its points: equal
+        layouts give equal matrices, so encodings with one config can share one (memory)."""
+        return fp.signature == self._signature()
+
     def forward_fixed(self, fp: FixedPoints) -> torch.Tensor:
-        if fp.signature != self._signature():
+        if not self.accepts(fp):
             raise ValueError("FixedPoints were precomputed for a different encoding layout")
         if fp.device != self.params.device:
             raise ValueError(f"FixedPoints on {fp.device} but params on {self.params.device}; "

@@ -130,8 +130,10 @@ class INR(nn.Module):
             use_tcnn = device.type == "cuda" and tcnn_available() and self.config.hash_backend in ("auto", "tcnn")
             if use_tcnn:
                 pts = (xyz, t, xyz)
-            else:  # hash 2 and hash 3 may have different layouts: one matrix each
-                pts = (self.hash_images.precompute(xyz), self.hash_time.precompute(t), self.hash_maps.precompute(xyz))
+            else:  # one matrix for hash 2 and hash 3 when their layouts are equal (memory), else one each
+                space = self.hash_images.precompute(xyz)
+                maps = space if self.hash_maps.accepts(space) else self.hash_maps.precompute(xyz)
+                pts = (space, self.hash_time.precompute(t), maps)
             self._points = (device, pts)
         return self._points[1]
 

@@ -1,9 +1,11 @@
 """The INR's losses (paper eq. 4–5): loss 1, data consistency of the weighted images W⁽⁰⁾ plus
 total variation; loss 2, the signal model's fit of their magnitudes by the maps Q⁽⁰⁾. Whole or
-chunk by chunk over the images (memory at the paper's size)."""
+chunk by chunk over the images (memory at the paper's size), and loss 3's data term g chunk by
+chunk (`physics_consistency_chunked`, used by objective.RefinementObjective with `image_chunk`)."""
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .physics import ScanPhysics
 
@@ -72,3 +74,72 @@ def inr_losses_chunked(inr, prob: ScanPhysics, tv_weight: float, chunk: int, bac
         if pairs:
             torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
     return W, c0.detach(), loss1, loss2
+
+
+class _DataConsistencyChunked(torch.autograd.Function):
+    """‖Ax − d‖²/‖d‖² and, when a gradient is wanted, 2Aᴴ(Ax − d)/‖d‖² in the same pass, `chunk`
+    images at a time: A's coil images and residual (T·C·N, 20× the images) exist for one chunk,
+    and the graph keeps the image-sized gradient instead of them. First-order only."""
+
+    @staticmethod
+    def forward(ctx, x, A, d, energy, chunk, with_grad):
+        T = x.shape[0]
+        value = torch.zeros((), dtype=x.real.dtype, device=x.device)
+        grad = torch.empty_like(x) if with_grad else None
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            Ac = A.images_subset(t0, t1) if (t0, t1) != (0, T) else A
+            r = Ac(x[t0:t1]) - d[t0:t1]
+            value += r.abs().pow(2).sum()
+            if with_grad:
+                grad[t0:t1] = Ac.adjoint(r) * (2.0 / energy)
+            del r
+        ctx.save_for_backward(grad)
+        return value / energy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return g * grad, None, None, None, None, None
+
+
+def data_consistency_chunked(prob: ScanPhysics, images: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`prob.data_consistency(images)` of all images, computed `chunk` images at a time (equal to
+    float32 rounding; no second derivative: not for `unroll.create_graph`)."""
+    with_grad = torch.is_grad_enabled() and images.requires_grad
+    return _DataConsistencyChunked.apply(images, prob.A, prob.kspace, prob.kspace_energy, chunk, with_grad)
+
+
+class _EagerGradient(torch.autograd.Function):
+    """fn(*inputs), a scalar, with its gradient taken at once in forward: the graph keeps the
+    input-sized gradients instead of fn's graph (for g: the signal model's ~30 (T, N)
+    intermediates per evaluation, held by each of loss 3's K terms until the backward)."""
+
+    @staticmethod
+    def forward(ctx, fn, grad_enabled, *inputs):
+        want = [grad_enabled and torch.is_tensor(t) and t.requires_grad for t in inputs]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if w else t for t, w in zip(inputs, want)]
+            value = fn(*leaves)
+            wanted = [leaf for leaf, w in zip(leaves, want) if w]
+            grads = torch.autograd.grad(value, wanted, allow_unused=True) if wanted and value.requires_grad else ()
+        ctx.want = want
+        ctx.save_for_backward(*[torch.zeros_like(leaf) if g is None else g for leaf, g in zip(wanted, grads)])
+        return value.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        saved = iter(ctx.saved_tensors)
+        return (None, None) + tuple(g * next(saved) if w else None for w in ctx.want)
+
+
+def physics_consistency_chunked(prob: ScanPhysics, channels: torch.Tensor, background, chunk: int) -> torch.Tensor:
+    """`prob.physics_consistency` (loss 3's data term g) with A applied `chunk` images at a time
+    (`data_consistency_chunked`) and its gradient in the maps (and the phase, when it has one)
+    taken at once (`_EagerGradient`): equal to float32 rounding; first-order only."""
+    def g(q, z):
+        return data_consistency_chunked(prob, torch.polar(prob.signal(q), prob.image_phase(z)), chunk)
+
+    return _EagerGradient.apply(g, torch.is_grad_enabled(), channels, background)

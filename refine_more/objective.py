@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .losses import physics_consistency_chunked
 from .physics import ScanPhysics
 
 
@@ -16,7 +17,7 @@ class RefinementObjective:
     prior's Hessian diagonal) or plain map direction, and an optional Gauss–Newton step on φ₀
     before each map step."""
 
-    def __init__(self, problem: ScanPhysics, config):
+    def __init__(self, problem: ScanPhysics, config, image_chunk: int = 0):
         from .priors import MapSmoothness
 
         if config.preconditioner not in ("gauss-newton", "none"):
@@ -26,6 +27,8 @@ class RefinementObjective:
         if config.phase_steps < 0:
             raise ValueError(f"unroll.phase_steps must be ≥ 0, got {config.phase_steps!r}")
         self.problem, self.config = problem, config
+        # g image chunk by image chunk (memory, losses.data_consistency_chunked); first-order only
+        self.image_chunk = 0 if config.create_graph else image_chunk
         self.preconditioned = config.preconditioner != "none"
         # weights relative to the data term's curvature at a neutral map (the same for every start
         # of the descent, so scratch and adapted runs minimise the same objective); no prior when
@@ -43,7 +46,10 @@ class RefinementObjective:
         return channels if self.prior is None else self.problem.scaling.canonical(channels)
 
     def value(self, q, phase):
-        g = self.problem.physics_consistency(q, phase)
+        if self.image_chunk:
+            g = physics_consistency_chunked(self.problem, q, phase, self.image_chunk)
+        else:
+            g = self.problem.physics_consistency(q, phase)
         return g if self.prior is None else g + self.prior.value(q)
 
     def direction(self, q, phase, grad):

@@ -112,8 +112,8 @@ class MultiCoilCartesian:
 
 
 def zero_filled_images(kspace: torch.Tensor, coil_sens: torch.Tensor) -> torch.Tensor:
-    """Coil-combined zero-filled images Σ_c conj(S_c) Fᴴ k_c / Σ_c |S_c|² (T, Z, Y, X)."""
-    coil_img = ifft3c(kspace)
-    num = (coil_img * coil_sens.conj()[None]).sum(dim=1)
+    """Coil-combined zero-filled images Σ_c conj(S_c) Fᴴ k_c / Σ_c |S_c|² (T, Z, Y, X). One image at a
+    time: the coil images (and the shifts' copies) of all images at once were the set-up's peak."""
+    num = torch.stack([(ifft3c(k) * coil_sens.conj()).sum(dim=0) for k in kspace])
     den = (coil_sens.abs() ** 2).sum(dim=0)
     return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))

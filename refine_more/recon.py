@@ -30,6 +30,9 @@ from .ssdu import train_self_supervised
 from .unrolled import UnrolledPGD
 
 
+UNET_SLICE_CHUNK = 8   # slices per checkpointed U-Net chunk with `image_chunk` (unrolled.UnrolledPGD.prox)
+
+
 @dataclass
 class Result:
     subject_id: str
@@ -139,7 +142,10 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
         a = config.adapt
         schedule = dict(n1=a.iters_stage1, n2=a.iters_stage2, patience=a.plateau_patience, lr1=a.lr, lr2=a.lr_stage2)
     reference = subject.reference if (track_reference and subject.reference) else {}
-    run = ReconRun(subject=subject, config=config, physics=prob, objective=RefinementObjective(prob, config.unroll),
+    chunk = config.image_chunk if 0 < config.image_chunk < subject.n_images else 0
+    unrolled.slice_chunk = UNET_SLICE_CHUNK if chunk else 0      # memory: the same result
+    objective = RefinementObjective(prob, config.unroll, image_chunk=chunk)
+    run = ReconRun(subject=subject, config=config, physics=prob, objective=objective,
                    inr=inr, unrolled=unrolled, method=method, schedule=schedule,
                    params={"stage1": stage1, "stage2": stage2}, reference=reference, t_start=t_start)
     run.timings["setup"] = time.perf_counter() - t_start

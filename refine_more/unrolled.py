@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import UnrollConfig
 from .unet import UNet2D
@@ -157,8 +158,20 @@ class UnrolledPGD(nn.Module):
         self.log_step = nn.Parameter(torch.zeros(config.iterations, channels))
         self.register_buffer("step_scale", torch.zeros(channels))
 
+    slice_chunk = 0
+    """> 0: the U-Net is checkpointed this many slices at a time (recomputed in backward; only its
+    input is kept): its activations per iteration, ~4 GB at the paper's size, exist for one chunk.
+    Set with `image_chunk` (recon.setup); the same result."""
+
     def steps(self) -> torch.Tensor:
         return self.step_scale[None] * torch.exp(self.log_step)
+
+    def prox(self, x: torch.Tensor) -> torch.Tensor:
+        """The U-Net on slices x (B, C, H, W), checkpointed by `slice_chunk` when it builds a graph."""
+        n = self.slice_chunk
+        if not (n and torch.is_grad_enabled()):
+            return self.unet(x)
+        return torch.cat([checkpoint(self.unet, x[i:i + n], use_reentrant=False) for i in range(0, x.shape[0], n)])
 
     @torch.no_grad()
     def _init_step_scale(self, q, z, direction, weight, term: DataTerm):
@@ -225,7 +238,7 @@ class UnrolledPGD(nn.Module):
             if float(self.step_scale.abs().sum()) == 0.0:
                 self._init_step_scale(q.detach(), z, direction.detach(), weight, term)
             q_hat = q[:n] - self.steps()[k].view(-1, 1, 1, 1) * direction[:n] * weight
-            refined = self.unet(q_hat.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
+            refined = self.prox(q_hat.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
             q = torch.cat([weight * refined + (1 - weight) * q_hat, q[n:]], dim=0)
             outputs.append((q, z))
         return outputs
