@@ -2,10 +2,10 @@
 
 One phantom, the phantom protocol (5 flip angles incl. 60°, with and without saturation, TR 80 ms,
 B1max 9.128 µT), a 1-D mask with AF 4 and the paper's 24 of 128 central lines scaled to the
-matrix. Reconstructed by REFINE-MORE, the zero-filled fit and the LLR fit (as
-benchmarks/evaluation.py runs them); the fully sampled fit is the reference. Per map (T1F, f, kF):
-vial means (vials eroded in-plane by one voxel) of each method regressed on the reference's
-(slope, intercept, R²), and every method's and the reference's vial means against the truth.
+matrix. Reconstructed by REFINE-MORE (and its INR's maps alone, `inr-only`), the zero-filled fit
+and the LLR fit (as benchmarks/evaluation.py runs them); the fully sampled fit is the reference.
+Per map (T1F, f, kF): vial means (vials eroded in-plane by one voxel; also by two, tables only) of
+each method regressed on the reference's (slope, intercept, R²), and against the truth.
 
 Each pass holds k as its config's `k_band` for every method, the reference fit included (the
 comparison the paper makes); `--k-band LOW HIGH` adds a pass with k free in that band.
@@ -46,29 +46,38 @@ def log(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
 
-def run_pass(subject, config, images: dict, masks: dict, t0: float) -> dict:
-    """Fits of the given images and REFINE-MORE at `config.k_band`; vial means, regressions, seconds."""
-    k_band = tuple(config.k_band)
-    means, seconds, maps_out = {}, {}, {}
-    for name, (imgs, t_images) in images.items():
-        t = time.perf_counter()
-        maps = fit_images(imgs, subject.protocol, subject.b1, subject.tissue_mask, k_band=k_band)
-        seconds[name] = t_images + time.perf_counter() - t
-        means[name], maps_out[name] = vial_means(maps, masks), maps
-        log(f"k_band {k_band}: {name} in {seconds[name]:.1f} s", t0)
-    result = reconstruct(subject, config)
-    means["refine-more"], maps_out["refine-more"] = vial_means(result.maps, masks), result.maps
-    seconds["refine-more"] = result.timings["total"]
-    log(f"k_band {k_band}: refine-more in {seconds['refine-more']:.1f} s", t0)
-    truth = vial_means(subject.reference, masks)
+def analyse(maps: dict, truth: dict, masks: dict) -> dict:
+    """Vial means of every method's maps and their regressions on the fully sampled fit's and the truth's."""
+    means = {m: vial_means(v, masks) for m, v in maps.items()}
+    true_means = vial_means(truth, masks)
     vials = list(masks)
 
     def table(ref):
         return {m: {p: regression([ref[p][v] for v in vials], [means[m][p][v] for v in vials]) for p in MAPS}
                 for m in means if means[m] is not ref}
 
-    return {"k_band": list(k_band), "seconds": seconds, "vial_means": {**means, "truth": truth},
-            "vs_full_fit": table(means["full-fit"]), "vs_truth": table(truth), "maps": maps_out}
+    return {"vial_means": {**means, "truth": true_means}, "vs_full_fit": table(means["full-fit"]),
+            "vs_truth": table(true_means)}
+
+
+def run_pass(subject, config, images: dict, masks: dict, t0: float) -> dict:
+    """Fits of the given images, REFINE-MORE (and its INR's maps) at `config.k_band`; per erosion
+    (masks: {voxels eroded: vial masks}) vial means and regressions; seconds."""
+    k_band = tuple(config.k_band)
+    seconds, maps = {}, {}
+    for name, (imgs, t_images) in images.items():
+        t = time.perf_counter()
+        maps[name] = fit_images(imgs, subject.protocol, subject.b1, subject.tissue_mask, k_band=k_band)
+        seconds[name] = t_images + time.perf_counter() - t
+        log(f"k_band {k_band}: {name} in {seconds[name]:.1f} s", t0)
+    result = reconstruct(subject, config)
+    maps["refine-more"], maps["inr-only"] = result.maps, result.maps_init
+    seconds["refine-more"], seconds["inr-only"] = result.timings["total"], result.timings["stage1"]
+    log(f"k_band {k_band}: refine-more in {seconds['refine-more']:.1f} s", t0)
+    first, *others = masks
+    out = {"k_band": list(k_band), "seconds": seconds, **analyse(maps, subject.reference, masks[first])}
+    out["other_erosions"] = {str(e): analyse(maps, subject.reference, masks[e]) for e in others}
+    return {**out, "maps": maps}
 
 
 def markdown(out: dict) -> str:
@@ -86,6 +95,10 @@ def markdown(out: dict) -> str:
                 cells = [f"{per[p]['slope']:.3f} / {per[p]['intercept']:.3g} / {per[p]['r2']:.4f}" for p in MAPS]
                 sec = ps["seconds"].get(m)
                 lines.append(f"| {m}{label} | " + " | ".join(cells) + f" | {'' if sec is None else f'{sec:.1f}'} |")
+        for e, other in ps.get("other_erosions", {}).items():
+            for m, per in other["vs_full_fit"].items():
+                lines.append(f"| {m}, vials eroded by {e} | " + " | ".join(
+                    f"{per[p]['slope']:.3f} / {per[p]['intercept']:.3g} / {per[p]['r2']:.4f}" for p in MAPS) + " | |")
         lines.append("")
         lines += ["| vial | " + " | ".join(f"{p} truth / full / REFINE-MORE / zf / LLR" for p in MAPS) + " |",
                   "|---|---|---|---|"]
@@ -180,8 +193,8 @@ def main():
     config.progress = False
     pc = PhantomConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr)
     subject = simulate_phantom("phantom-001", pc, seed=args.seed)
-    masks = vial_masks(subject.reference["labels"], subject.label_names, erode=1)
-    log(f"simulated {tuple(args.matrix)}; eroded vial sizes {[int(m.sum()) for m in masks.values()]}", t0)
+    masks = {e: vial_masks(subject.reference["labels"], subject.label_names, erode=e) for e in (1, 2)}
+    log(f"simulated {tuple(args.matrix)}; eroded vial sizes {[int(m.sum()) for m in masks[1].values()]}", t0)
     coils = torch.from_numpy(subject.coil_sens)
     images = {"full-fit": (zero_filled_images(torch.from_numpy(subject.reference["kspace_full"]), coils).numpy(), 0.0)}
     t = time.perf_counter()
@@ -191,9 +204,11 @@ def main():
     log(f"LLR images in {images['llr-fit'][1]:.1f} s", t0)
     configs = [config] + ([config.replace(k_band=tuple(args.k_band))] if args.k_band else [])
     passes = [run_pass(subject, c, images, masks, t0) for c in configs]
-    out = {"command": " ".join(["python benchmarks/phantom.py", *sys.argv[1:]]), "matrix": list(args.matrix), "coils": args.coils, "snr": args.snr, "acceleration": args.acc,
+    out = {"command": " ".join(["python benchmarks/phantom.py", *sys.argv[1:]]), "matrix": list(args.matrix),
+           "coils": args.coils, "snr": args.snr, "acceleration": args.acc,
            "calib_lines": pc.calib_lines, "seed": args.seed, "preset": args.preset, "overrides": args.set,
-           "config_hash": config.hash(), "vials": list(masks), "vial_voxels": {v: int(m.sum()) for v, m in masks.items()},
+           "config_hash": config.hash(), "vials": list(masks[1]),
+           "vial_voxels": {e: {v: int(m.sum()) for v, m in per.items()} for e, per in masks.items()},
            "protocol": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in subject.protocol.to_attrs().items()},
            "wall_s": time.perf_counter() - t0, "passes": [{k: v for k, v in ps.items() if k != "maps"} for ps in passes]}
     out_path = Path(args.out)
