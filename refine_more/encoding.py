@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .csr import transpose_csr
+
 __all__ = [
     "HashEncodingConfig",
     "LevelInfo",
@@ -338,13 +340,18 @@ class HashEncoding(nn.Module):
 
         Built in blocks of `block_points` points (rows of S), so the per-corner index tensors
         (N·L·2^d int64 several times over) exist for one block at a time: at the paper's size
-        they, not the matrices, set the peak memory of the set-up. Sᵀ is the CSR of S's
-        transpose (a CSC view of S converted), without another sorted copy of the COO."""
+        they, not the matrices, set the peak memory of the set-up. Sᵀ by `csr.transpose_csr`."""
         x = self._check_x(x)
         N, L, R = x.shape[0], self.n_levels, self.n_rows
         # int32 indices when they fit (CSR takes either): the indices are 2/3 of S's bytes in int64
-        idx = torch.int32 if max(N * L * 2**self.n_input_dims, R) < 2**31 else torch.int64
-        crow, cols, vals, nnz = [torch.zeros(1, dtype=idx, device=x.device)], [], [], 0
+        bound = N * L * 2**self.n_input_dims
+        idx = torch.int32 if max(bound, R) < 2**31 else torch.int64
+        # filled in place (a list of blocks and a cat held S twice); the entries coalesce merges
+        # (hash collisions among a point's corners) leave an unused tail
+        crow = torch.zeros(N * L + 1, dtype=idx, device=x.device)
+        cols = torch.empty(bound, dtype=idx, device=x.device)
+        vals = torch.empty(bound, dtype=torch.float32, device=x.device)
+        nnz = 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
             for p0 in range(0, N, block_points):
@@ -356,19 +363,13 @@ class HashEncoding(nn.Module):
                     torch.stack([r, rows.reshape(-1)]), weights.reshape(-1).to(torch.float32),
                     (n * L, R), check_invariants=False).coalesce().to_sparse_csr()  # sums duplicates
                 del rows, weights, r
-                crow.append((block.crow_indices()[1:] + nnz).to(idx))
-                cols.append(block.col_indices().to(idx))
-                vals.append(block.values())
-                nnz += block.values().numel()
-            S = torch.sparse_csr_tensor(torch.cat(crow), torch.cat(cols), torch.cat(vals), (N * L, R),
-                                        check_invariants=False)
-            del crow, cols, vals
-            try:
-                St = S.t().to_sparse_csr()
-            except (RuntimeError, NotImplementedError):  # a build without CSC → CSR: the COO route
-                St = S.to_sparse_coo().t().coalesce().to_sparse_csr()
-                St = torch.sparse_csr_tensor(St.crow_indices().to(idx), St.col_indices().to(idx), St.values(),
-                                             St.shape, check_invariants=False)
+                m = block.values().numel()
+                crow[p0 * L + 1:(p0 + n) * L + 1] = block.crow_indices()[1:] + nnz
+                cols[nnz:nnz + m] = block.col_indices()
+                vals[nnz:nnz + m] = block.values()
+                nnz += m
+            S = torch.sparse_csr_tensor(crow, cols[:nnz], vals[:nnz], (N * L, R), check_invariants=False)
+        St = transpose_csr(S)    # torch's CSC → CSR conversion peaked at ~6× Sᵀ (csr.py)
         return FixedPoints(S, St, N, L, self.n_features_per_level, self._signature())
 
     def accepts(self, fp: FixedPoints) -> bool:

@@ -156,3 +156,20 @@ def test_reconstruction_with_image_chunk_equals_the_plain_one(subject):
     for name in ("I0", "T1F", "f", "kF"):
         m = plain.tissue_mask
         assert rel(torch.from_numpy(chunked.maps[name][m]), torch.from_numpy(plain.maps[name][m])) < 1e-4, name
+
+
+@pytest.mark.parametrize("block_entries", [1, 7, 1 << 21])
+def test_lean_transpose_equals_torchs_conversion(block_entries):
+    """csr.transpose_csr (blocks of rows, a counting sort) is torch's CSC → CSR conversion entry for
+    entry, with empty rows, empty columns and rows longer than a block."""
+    from refine_more.csr import transpose_csr
+
+    g = torch.Generator().manual_seed(block_entries)
+    dense = torch.rand(40, 30, generator=g) * (torch.rand(40, 30, generator=g) < 0.2)
+    dense[5], dense[:, 7], dense[9] = 0, 0, torch.rand(30, generator=g)
+    S = dense.to_sparse_csr()
+    S = torch.sparse_csr_tensor(S.crow_indices().int(), S.col_indices().int(), S.values(), S.shape)
+    ref, St = S.t().to_sparse_csr(), transpose_csr(S, block_entries)
+    for attr in ("crow_indices", "col_indices", "values"):
+        assert torch.equal(getattr(St, attr)(), getattr(ref, attr)()), attr
+    assert St.col_indices().dtype == torch.int32
