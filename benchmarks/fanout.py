@@ -154,7 +154,9 @@ def markdown(res: dict) -> str:
     lines = [
         "# Fan-out efficiency (`python benchmarks/fanout.py`)", "",
         f"{res['subjects']} subjects {MATRIX}, {COILS} coils, preset tiny, mode scratch, one CPU per task, "
-        f"MLflow sqlite on; {res['machine']}; best of {res['repeats']}.", "",
+        f"MLflow sqlite on; {res['machine']}; best of {res['repeats']}; load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in res['load_average_before'])} before, "
+        f"{'/'.join(f'{x:.1f}' for x in res['load_average_after'])} after.", "",
         "| workers | Ray start (s) | wall (s) | task span (s) | driver CPU (s) | driver CPU share |",
         "|---|---|---|---|---|---|",
         *[f"| {b['workers']} | {b['ray_start_s']:.1f} | {b['wall_s']:.1f} | {b['task_span_s']:.1f} | "
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
     from refine_more.simulate import SimulationConfig, simulate_cohort
 
     work = Path(args.data or tempfile.mkdtemp(prefix="fanout"))
+    load_before = os.getloadavg()          # the runs are only meaningful on an otherwise idle machine
     try:
         manifest = simulate_cohort(work / "data", args.subjects, SimulationConfig(matrix=MATRIX, n_coils=COILS),
                                    seed=3, progress=False)
@@ -220,6 +223,7 @@ def main(argv=None) -> int:
                "efficiency_task_span": best["1"]["task_span_s"] / (2 * best["2"]["task_span_s"]),
                "efficiency_all": [round(a["wall_s"] / (2 * b["wall_s"]), 3) for a, b in pairs],
                "driver_cpu_share": best["2"]["driver_cpu_share"],
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "mlflow_per_subject": ml,
                "per_subject_bytes": {"subject_file": (work / "data" / "sub-001.h5").stat().st_size,
                                      "task_reads": 2 * (work / "data" / "sub-001.h5").stat().st_size,
