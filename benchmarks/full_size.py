@@ -15,6 +15,11 @@ whole process and of each phase (set-up incl. the interpolation matrices, stage 
 load average (other processes distort the seconds on a shared machine; the ratios to the floor
 measured in the same run are what compare), the extrapolated schedule.
 `--set image_chunk=1` runs the data terms one image at a time and checkpoints the U-Net (memory).
+
+Where the full size does not fit or takes hours: run two reduced matrices with
+MALLOC_MMAP_THRESHOLD_=65536 (glibc then returns every freed tensor at once; by default it keeps
+the pages of the small ones, and a linear extrapolation would scale that too), then
+`--extrapolate A.json B.json` fits each phase's peak RSS as a + b·voxels and prints it at --matrix.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refine_more.atomic import atomic_write_text
 from refine_more.config import apply_overrides, preset
 from refine_more.operators import MultiCoilCartesian
 from refine_more.physics import resolve_device
@@ -135,6 +141,19 @@ def reconstruct_measured(subject, config, log, save):
     return finish(run, final), peaks, components(run)
 
 
+def extrapolate(paths, matrix) -> dict:
+    """Each phase's peak RSS (and the simulation's) at `matrix`, linear in the voxels through two runs."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    n = [float(np.prod(r["matrix"])) for r in runs]
+    target = float(np.prod(matrix))
+    peaks = {k: [r["peak_host_rss_by_phase_GiB"][k] for r in runs] for k in runs[0]["peak_host_rss_by_phase_GiB"]}
+    if all(r.get("simulate_peak_rss_GiB") for r in runs):
+        peaks["simulate (child)"] = [r["simulate_peak_rss_GiB"] for r in runs]
+    line = lambda a, b: a + (b - a) * (target - n[0]) / (n[1] - n[0])  # noqa: E731
+    return {"matrix": list(matrix), "from": [r["matrix"] for r in runs],
+            "peak_host_rss_GiB": {k: line(*v) for k, v in peaks.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--matrix", type=int, nargs=3, default=[48, 176, 176])
@@ -146,7 +165,11 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set image_chunk=1")
     ap.add_argument("--out", help="default: benchmarks/results/full_size_<device>.json")
+    ap.add_argument("--extrapolate", nargs=2, metavar="JSON", help="print two reduced runs' peaks at --matrix; run nothing")
     args = ap.parse_args()
+    if args.extrapolate:
+        print(json.dumps(extrapolate(args.extrapolate, args.matrix), indent=1))
+        return
 
     def log(msg):
         print(f"[full_size {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -173,9 +196,9 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     out_path = Path(args.out or RESULTS / f"full_size_{device.type}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    head = {"device": str(device), "preset": args.preset, "matrix": list(subject.shape), "overrides": args.set,
+    head = {"device": str(device), "preset": args.preset, "matrix": list(subject.shape), "overrides": args.set, "subject": args.subject,
             "fft_floor_s": floor, "simulate_peak_rss_GiB": simulate_rss, "load_average_1_5_15": load}
-    save = lambda partial: out_path.write_text(json.dumps({**head, "complete": False, **partial}, indent=1))  # noqa: E731
+    save = lambda partial: atomic_write_text(out_path, json.dumps({**head, "complete": False, **partial}, indent=1))  # noqa: E731
     result, peaks, sizes = reconstruct_measured(subject, config, log, save)
     load["after"] = load_average()
     tm = result.timings
@@ -201,7 +224,7 @@ def main():
         "final_losses": result.final_losses(),
         "final_nrmse": {k: v for k, v in result.history[-1].items() if k.startswith("nrmse_")},
     }
-    out_path.write_text(json.dumps(out, indent=1))
+    atomic_write_text(out_path, json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 

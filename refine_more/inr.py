@@ -137,9 +137,13 @@ class INR(nn.Module):
             self._points = (device, pts)
         return self._points[1]
 
-    def images(self) -> torch.Tensor:
-        """W⁽⁰⁾: complex64 (T, Z, Y, X)."""
-        return self.images_from(*self.image_features())
+    def images(self, chunk: int = 0) -> torch.Tensor:
+        """W⁽⁰⁾: complex64 (T, Z, Y, X); with `chunk`, MLP1 on that many images at a time (memory
+        without a graph: its activations are T·N·hidden)."""
+        h_space, h_time = self.image_features()
+        if not 0 < chunk < h_time.shape[0]:
+            return self.images_from(h_space, h_time)
+        return torch.cat([self.images_from(h_space, h_time[t0:t0 + chunk]) for t0 in range(0, h_time.shape[0], chunk)])
 
     def image_features(self):
         """(hash 2 features (N, F2) of the voxels, hash 1 features (T, F1) of the images)."""

@@ -39,7 +39,8 @@ def inr_losses_chunked(inr, prob: ScanPhysics, tv_weight: float, chunk: int, bac
     With `backward`, the gradients of loss 1 + loss 2 are accumulated into the parameters here:
     each chunk's graph is freed by its own backward. The parts all chunks share (the hash
     features and the maps' signal S(Q)) are computed once, cut from the graph as leaves, and
-    backpropagated once at the end with what the chunks accumulated in them. Loss 2's normaliser
+    backpropagated once at the end with what the chunks accumulated in them (S(Q) recomputed
+    then rather than its graph held through the chunks). Loss 2's normaliser
     (the energy of all images, a constant in `inr_losses` too) takes one more forward pass of
     MLP1 without a graph. Returns (W, c0, loss1, loss2) detached, equal to `inr_losses` to
     float32 rounding."""
@@ -47,10 +48,11 @@ def inr_losses_chunked(inr, prob: ScanPhysics, tv_weight: float, chunk: int, bac
     context = torch.enable_grad if backward else torch.no_grad
     with context():
         h_space, h_time = inr.image_features()
+    with torch.no_grad():   # S(Q)'s graph (MLP2's and the signal model's activations) is rebuilt at the end, not held
         c0 = inr.map_channels()
         S = prob.signal(c0)
-    shared = [h_space, h_time, S]
-    leaves = [v.detach().requires_grad_(backward and v.requires_grad) for v in shared]
+    shared = [h_space, h_time]
+    leaves = [v.detach().requires_grad_(backward and v.requires_grad) for v in shared] + [S.requires_grad_(backward)]
     hs, ht, Sd = leaves
     starts = range(0, T, chunk)
     with torch.no_grad():
@@ -71,6 +73,10 @@ def inr_losses_chunked(inr, prob: ScanPhysics, tv_weight: float, chunk: int, bac
         loss1, loss2 = loss1 + l1.detach(), loss2 + l2.detach()
     if backward:
         pairs = [(v, leaf.grad) for v, leaf in zip(shared, leaves) if v.requires_grad and leaf.grad is not None]
+        if Sd.grad is not None:
+            with torch.enable_grad():
+                S = prob.signal(inr.map_channels())
+            pairs += [(S, Sd.grad)] if S.requires_grad else []
         if pairs:
             torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
     return W, c0.detach(), loss1, loss2

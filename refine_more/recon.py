@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .classical import classical_minimum
@@ -234,7 +235,7 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         if run.chunk:  # loss 1 + 2 backpropagated chunk by chunk; loss 3 through fresh maps
             W, _, loss1, loss2 = run.inr_state(backward=True)
-            c0 = inr.map_channels()
+            c0 = checkpoint(inr.map_channels, use_reentrant=False)   # MLP2 recomputed in backward (memory)
         else:
             W, c0, loss1, loss2 = inr_losses(inr, prob, run.config.tv_weight)
         outs = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
@@ -250,7 +251,7 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
             break
     run.done["stage2"] = it + 1
     with torch.no_grad():
-        W = inr.images()
+        W = inr.images(run.chunk)
         c0 = inr.map_channels()
         if not s["n2"]:
             return c0
@@ -262,7 +263,7 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
     run.bar.close()
     prob = run.physics
     with torch.no_grad():
-        W = run.inr.images()
+        W = run.inr.images(run.chunk)
         c0 = run.inr.map_channels()
     run.timings["total"] = time.perf_counter() - run.t_start
     maps, maps_init = prob.physical_maps(final), prob.physical_maps(c0)

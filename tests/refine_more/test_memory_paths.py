@@ -173,3 +173,11 @@ def test_lean_transpose_equals_torchs_conversion(block_entries):
     for attr in ("crow_indices", "col_indices", "values"):
         assert torch.equal(getattr(St, attr)(), getattr(ref, attr)()), attr
     assert St.col_indices().dtype == torch.int32
+
+
+def test_images_by_chunks_equal_all_at_once(subject):
+    inr = INR(subject.n_images, subject.shape, preset("tiny").inr, seed=1)
+    with torch.no_grad():
+        for p in inr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert rel(inr.images(3), inr.images()) < 1e-6
