@@ -21,20 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Token authentication for the whole test session, set before any test module imports ray: Ray
+# reads RAY_AUTH_MODE once, at import, so a fixture that set it later (after a tests/cohort module
+# had imported ray) left the local cluster's clients in 'disabled' mode ("InvalidAuthToken").
+_SESSION_TOKEN = secrets.token_hex(16)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = _SESSION_TOKEN      # never ~/.ray/auth_token
+os.environ.pop("RAY_ADDRESS", None)
+
+
 @pytest.fixture(scope="session")
 def ray_token():
-    """RAY_AUTH_MODE=token and a random RAY_AUTH_TOKEN for this session (never ~/.ray/auth_token)."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    token = secrets.token_hex(16)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = token
-    os.environ.pop("RAY_ADDRESS", None)
-    yield token
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """The session's RAY_AUTH_TOKEN (RAY_AUTH_MODE=token is set at conftest import)."""
+    return _SESSION_TOKEN
 
 
 @pytest.fixture(scope="session")

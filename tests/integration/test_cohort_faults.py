@@ -112,7 +112,7 @@ def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, r
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": ""})
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 480   # a loaded 2-core machine: Ray ~40 s to start, a subject ~130 s
         while not list(out.glob(f"*/scratch/{DONE}")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, "the driver ended before it could be killed"
