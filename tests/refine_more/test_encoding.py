@@ -359,21 +359,3 @@ def test_precompute_in_blocks_builds_the_same_matrices(d):
     torch.testing.assert_close(one.S.to_dense(), dense)
     torch.testing.assert_close(one.St.to_dense(), dense.T)
 
-
-def test_precompute_transpose_fallback_gives_the_same_matrix(monkeypatch):
-    """Where a torch build cannot convert CSC to CSR, Sᵀ comes from the COO route: the same matrix."""
-    cfg = HashEncodingConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4)
-    enc = HashEncoding(3, cfg, backend="torch")
-    x = torch.rand(500, 3, generator=torch.Generator().manual_seed(6))
-    direct = enc.precompute(x)
-    original = torch.Tensor.to_sparse_csr
-
-    def no_csc(self, *args, **kwargs):
-        if self.layout == torch.sparse_csc:
-            raise RuntimeError("CSC → CSR not supported here")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", no_csc)
-    fallback = enc.precompute(x)
-    for attr in ("crow_indices", "col_indices", "values"):
-        assert torch.equal(getattr(fallback.St, attr)(), getattr(direct.St, attr)())
