@@ -25,7 +25,8 @@ class FixedStart(nn.Module):
         self.register_buffer("_channels", channels)
         self.n_images = images.shape[0]
 
-    def images(self) -> torch.Tensor:
+    def images(self, chunk: int = 0) -> torch.Tensor:
+        """W⁽⁰⁾; `chunk` is accepted for the INR's interface and does nothing (nothing to compute)."""
         return self._images
 
     def map_channels(self) -> torch.Tensor:
