@@ -85,6 +85,37 @@ def one_run(manifest: Path, out: Path, workers: int, tracking_uri: str, mode: st
             "parent_run_id": rep.parent_run_id}
 
 
+def _plain_worker_init():
+    import torch
+    torch.set_num_threads(1)            # one CPU per task, as Ray gives each task
+
+
+def _plain_task(args):
+    from cohort.subject_run import run_subject
+    path, out, sid, cfg = args
+    return run_subject(path, out, "scratch", cfg, None, subject_id=sid)["wall_s"]
+
+
+def plain_run(manifest: Path, out: Path, workers: int) -> dict:
+    """The machine's ceiling: the same tasks (``subject_run.run_subject``) in a plain process pool
+    of ``workers`` warm processes (imports done first), no Ray, no driver bookkeeping, no MLflow.
+    What two such processes lose against one is the hardware's share of the inefficiency."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cohort.manifest import read_manifest
+    from refine_more.config import preset
+
+    cfg = {**preset("tiny").to_dict(), "progress": False}
+    jobs = [(e.path, str(out), e.subject_id, cfg) for e in read_manifest(manifest)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_plain_worker_init) as pool:
+        list(pool.map(_plain_task, [(p, str(out / "warmup"), s, c) for p, _, s, c in jobs[:workers]]))
+        t0 = time.perf_counter()
+        walls = list(pool.map(_plain_task, jobs))
+        wall = time.perf_counter() - t0
+    return {"workers": workers, "wall_s": wall, "task_wall_sum_s": sum(walls)}
+
+
 def mlflow_per_child(uri: str, parent: str) -> dict:
     """Mean writes of one child (subject) run of ``parent``: params, tags, metric values, artifacts."""
     from mlflow.tracking import MlflowClient
@@ -163,6 +194,10 @@ def markdown(res: dict) -> str:
           f"{b['driver_cpu_s']:.1f} | {100 * b['driver_cpu_share']:.1f} % |" for b in (b1, b2)], "",
         f"**efficiency t1 / (2 t2) = {res['efficiency']:.3f}** (target 0.9); on the task span alone "
         f"{res['efficiency_task_span']:.3f}; all runs: {res['efficiency_all']}.", "",
+        *([f"The machine's ceiling, the same tasks in a plain process pool (no Ray, no driver, no MLflow): "
+           f"{pp['best_wall_s']['1']:.1f} s with 1 process, {pp['best_wall_s']['2']:.1f} s with 2, efficiency "
+           f"**{pp['efficiency']:.3f}**; the Ray driver reaches **{res['efficiency_of_ceiling']:.3f}** of it.", ""]
+          if (pp := res.get("plain_pool")) else []),
         f"## {x['gpus']} GPUs ({x['nodes']} nodes of {x['gpus_per_node']}), {x['adapted_s_per_subject']:.0f} s per "
         "adapted subject at the paper's size", "",
         f"- {x['subjects_per_hour']:.0f} subjects per hour ({x['subjects_per_s']:.3f}/s);",
@@ -193,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-adapted-s", type=float, default=400.0)
     ap.add_argument("--no-adapted", action="store_true", help="skip the adapted run (seed-state bytes)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the plain process-pool runs (no Ray)")
     ap.add_argument("--out", default=str(RESULT))
     args = ap.parse_args(argv)
     if args.subjects < 8 or args.repeats < 1:
@@ -211,6 +247,12 @@ def main(argv=None) -> int:
             for w in (1, 2):
                 runs.append(one_run(manifest, work / f"out{w}_{rep}", w, uri))
                 print(json.dumps(runs[-1]), flush=True)
+        plain = []
+        if not args.no_ceiling:
+            for rep in range(args.repeats):
+                for w in (1, 2):
+                    plain.append(plain_run(manifest, work / f"plain{w}_{rep}", w))
+                    print(json.dumps(plain[-1]), flush=True)
         last = work / f"out2_{args.repeats - 1}"
         ml = mlflow_per_child(uri, runs[-1]["parent_run_id"])
         outputs = statistics.mean(_folder_bytes(d / "scratch") for d in last.glob("sub-*"))
@@ -229,6 +271,11 @@ def main(argv=None) -> int:
                                      "task_reads": 2 * (work / "data" / "sub-001.h5").stat().st_size,
                                      "task_writes": outputs,
                                      "driver_reads": best["2"]["driver_read_bytes"] / args.subjects}}
+        if plain:
+            pbest = {w: min(r["wall_s"] for r in plain if r["workers"] == w) for w in (1, 2)}
+            res["plain_pool"] = {"runs": plain, "best_wall_s": {str(w): v for w, v in pbest.items()},
+                                 "efficiency": pbest[1] / (2 * pbest[2])}
+            res["efficiency_of_ceiling"] = res["efficiency"] / res["plain_pool"]["efficiency"]
         if not args.no_adapted:
             try:                 # the efficiency above is the result; this adds the seed state's bytes
                 res["adapted_run"] = one_run(manifest, work / "adapted", 2, uri, mode="adapted")

@@ -26,6 +26,7 @@ from .losses import inr_losses, inr_losses_chunked
 from .metrics import score_maps
 from .names import SCORED_MAPS
 from .objective import RefinementObjective
+from .optimizer import adam
 from .physics import ScanPhysics, resolve_device
 from .ssdu import train_self_supervised
 from .unrolled import UnrolledPGD
@@ -158,7 +159,7 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
 def train_inr(run: ReconRun) -> None:
     """Stage 1: the INR alone, loss 1 + loss 2 (adapted runs stop on a plateau of that loss)."""
     s = run.schedule
-    opt = torch.optim.Adam(run.params["stage1"], lr=s["lr1"])
+    opt = adam(run.params["stage1"], s["lr1"])
     totals, it = [], -1
     for it in range(s["n1"]):
         opt.zero_grad(set_to_none=True)
@@ -203,7 +204,7 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if s["n2"]:
         start = classical_minimum(run, inr_state=(W, c0))
         run.timings["warm_start"] = time.perf_counter() - t
-    opt = torch.optim.Adam(params, lr=s["lr2"])
+    opt = adam(params, s["lr2"])
     totals, it = [], -1
     for it in range(s["n2"]):
         opt.zero_grad(set_to_none=True)
@@ -229,7 +230,7 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
 def _train_jointly(run: ReconRun) -> torch.Tensor:
     """Without a warm start (the paper): loss 1 + 2 + 3 jointly over the INR and the refinement."""
     s, term, prob, inr = run.schedule, run.objective, run.physics, run.inr
-    opt = torch.optim.Adam(run.params["stage2"], lr=s["lr2"])
+    opt = adam(run.params["stage2"], s["lr2"])
     totals, it = [], -1
     for it in range(s["n2"]):
         opt.zero_grad(set_to_none=True)

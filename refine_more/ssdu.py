@@ -23,6 +23,7 @@ import torch
 
 from .classical import classical_minimum
 from .objective import RefinementObjective
+from .optimizer import adam
 from .splitting import self_supervised_partition
 
 
@@ -58,7 +59,7 @@ def train_self_supervised(run) -> torch.Tensor:
     ids = {id(p) for p in run.unrolled.parameters()}
     params = [p for p in run.params["stage2"] if id(p) in ids]
     run.params["stage2"] = params
-    opt = torch.optim.Adam(params, lr=s["lr2"])
+    opt = adam(params, s["lr2"])
 
     def score():
         with torch.no_grad():
