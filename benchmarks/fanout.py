@@ -9,6 +9,9 @@ cluster is up before its jobs). Order 1, 2 repeated ``--repeats`` times; the fas
 
 - efficiency = t1 / (2 · t2) on the run's wall time (manifest read to summary written), the
   issue's definition, target >= 0.9; also on the task span alone (first task start to last end);
+- the machine's ceiling: the same tasks (``subject_run.run_subject``) in a plain warm process pool
+  of 1 and 2 processes, no Ray, driver or MLflow (``--no-ceiling`` skips it), and the Ray
+  efficiency as a fraction of it;
 - the driver's CPU share: ``getrusage(RUSAGE_SELF)`` user + system of this process over the wall
   (Ray's own daemons are children, not counted);
 - per subject, measured: MLflow writes of a child run (params, metric values, tags, artifacts and
