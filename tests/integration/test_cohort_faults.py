@@ -65,6 +65,33 @@ def _leftovers(out):
     return [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+def _kill_marked(marker: str, timeout: float = 60.0) -> None:
+    """SIGKILL every process whose environment carries ``marker`` (the killed driver's Ray: raylet,
+    GCS and workers run in their own sessions, so killing the driver's process group misses them,
+    and an orphaned worker would go on writing its subject beside the rerun), until none is left."""
+    needle = marker.encode()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = []
+        for path in glob.glob("/proc/[0-9]*/environ"):
+            try:
+                with open(path, "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        pids.append(int(path.split("/")[2]))
+            except OSError:
+                continue
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    raise AssertionError(f"processes marked {marker} still alive after {timeout} s")
+
+
 def test_killed_worker_is_retried_and_the_cohort_completes(local_ray, sim_cohort, slow_config, tmp_path):
     out = tmp_path / "out"
     report, killed = _run_and_kill_one(sim_cohort, out, slow_config, max_retries=1)
@@ -109,8 +136,9 @@ def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, r
     cfg.write_text("preset: tiny\niters_stage1: 600\n")
     cmd = [sys.executable, "-m", "cohort", "run", str(sim_cohort), "--out", str(out), "--mode", "scratch",
            "--config", str(cfg), "--num-cpus", "2", "--no-tracking", "--no-progress"]
+    marker = f"REFINE_MORE_KILLED_DRIVER_TEST={os.getpid()}"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+                            env={**os.environ, "RAY_ADDRESS": "", marker.split("=")[0]: marker.split("=")[1]})
     try:
         deadline = time.time() + 480   # a loaded 2-core machine: Ray ~40 s to start, a subject ~130 s
         while not list(out.glob(f"*/scratch/{DONE}")) and proc.poll() is None and time.time() < deadline:
@@ -123,6 +151,7 @@ def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, r
             os.killpg(proc.pid, signal.SIGKILL)                # then its Ray and workers
         except ProcessLookupError:
             pass
+        _kill_marked(marker)
     done_before = {p.parent.parent.name for p in out.glob(f"*/scratch/{DONE}")}
     assert 1 <= len(done_before) < 4
     if (out / "results.parquet").exists():   # written as subjects finish: whole, never half
