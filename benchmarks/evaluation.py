@@ -7,6 +7,7 @@ means per subject (WM and GM in the four quadrants of the axial plane) against t
 
     python benchmarks/evaluation.py [--subjects 4] [--matrix 6 32 32] [--preset small] [--first-seed 1000]
                                     [--acc 4] [--no-adapted] [--zero-filled-start] [--tag TAG]
+                                    [--scratch-subjects N] [--save-seed-state FILE] [--seed-state FILE]
                                     [--set KEY=VALUE ...] [--out FILE]
 
 `--zero-filled-start` adds the refinement started from the zero-filled fit instead of the INR (the
@@ -52,6 +53,10 @@ def main():
                          "for schedules too long to run twice per subject on a small machine")
     ap.add_argument("--zero-filled-start", action="store_true",
                     help="also the refinement started from the zero-filled fit instead of the INR (Fig. S4)")
+    ap.add_argument("--save-seed-state", metavar="FILE", help="keep the seed's state (safetensors) for later runs")
+    ap.add_argument("--seed-state", metavar="FILE",
+                    help="adapt from this saved seed state instead of reconstructing sub-001 as the seed "
+                         "(e.g. adaptation settings at the paper's schedule without its hour-long seed); every subject is then adapted")
     ap.add_argument("--tag", default="", help="suffix of the REFINE-MORE rows' names, e.g. 'paper'")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(RESULTS / "evaluation.json"))
@@ -88,15 +93,20 @@ def main():
         if args.zero_filled_start:
             zf_start = refine_from_zero_filled(subject, config)
             record("zero-filled-start", zf_start.maps, zf_start.timings["total"])
-        if args.scratch_subjects is None or i < max(1, args.scratch_subjects):
+        if args.scratch_subjects is None or i < args.scratch_subjects or (i == 0 and not args.seed_state):
             scratch = reconstruct(subject, config)
             record("inr-only", scratch.maps_init, scratch.timings["stage1"])
             record("refine-more", scratch.maps, scratch.timings["total"])
             stage_seconds["refine-more"].append({**scratch.timings, **{f"iterations_{k}": v for k, v in scratch.iterations.items()}})
         if args.no_adapted:
             continue
+        if seed_state is None and args.seed_state:
+            seed_state = SeedState.load(args.seed_state).to_numpy_dict()
         if seed_state is None:
-            seed_state = SeedState.from_result(scratch).to_numpy_dict()  # sub-001 is the seed
+            seed = SeedState.from_result(scratch)                       # sub-001 is the seed
+            if args.save_seed_state:
+                seed.save(args.save_seed_state)
+            seed_state = seed.to_numpy_dict()
         else:
             adapted = reconstruct(subject, config, seed_state=seed_state)
             record("refine-more-adapted", adapted.maps, adapted.timings["total"])
