@@ -71,7 +71,11 @@ def main():
     per_subject = {m: [] for m in methods}
     seconds = {m: [] for m in methods}
     stage_seconds = {"refine-more": [], "refine-more-adapted": []}     # per subject: stage timings, iterations
-    seed_state = None
+    seed_state = SeedState.load(args.seed_state).to_numpy_dict() if args.seed_state else None
+
+    def stages(result):  # seconds per stage and iterations run, as the JSON keeps them
+        return {**result.timings, **{f"iterations_{k}": v for k, v in result.iterations.items()}}
+
     t_run = time.perf_counter()
     for i in tqdm(range(args.subjects), desc="subjects"):
         subject = simulate_subject(f"sub-{i + 1:03d}", sim, seed=args.first_seed + i, templates=templates)
@@ -97,11 +101,9 @@ def main():
             scratch = reconstruct(subject, config)
             record("inr-only", scratch.maps_init, scratch.timings["stage1"])
             record("refine-more", scratch.maps, scratch.timings["total"])
-            stage_seconds["refine-more"].append({**scratch.timings, **{f"iterations_{k}": v for k, v in scratch.iterations.items()}})
+            stage_seconds["refine-more"].append(stages(scratch))
         if args.no_adapted:
             continue
-        if seed_state is None and args.seed_state:
-            seed_state = SeedState.load(args.seed_state).to_numpy_dict()
         if seed_state is None:
             seed = SeedState.from_result(scratch)                       # sub-001 is the seed
             if args.save_seed_state:
@@ -110,8 +112,7 @@ def main():
         else:
             adapted = reconstruct(subject, config, seed_state=seed_state)
             record("refine-more-adapted", adapted.maps, adapted.timings["total"])
-            stage_seconds["refine-more-adapted"].append(
-                {**adapted.timings, **{f"iterations_{k}": v for k, v in adapted.iterations.items()}})
+            stage_seconds["refine-more-adapted"].append(stages(adapted))
 
     per_subject = {m: v for m, v in per_subject.items() if v}
     if args.tag:  # e.g. "refine-more (paper)", "refine-more-adapted (paper)"

@@ -136,9 +136,10 @@ def test_killed_driver_leaves_finished_subjects_and_a_rerun_resumes(local_ray, r
     cfg.write_text("preset: tiny\niters_stage1: 600\n")
     cmd = [sys.executable, "-m", "cohort", "run", str(sim_cohort), "--out", str(out), "--mode", "scratch",
            "--config", str(cfg), "--num-cpus", "2", "--no-tracking", "--no-progress"]
-    marker = f"REFINE_MORE_KILLED_DRIVER_TEST={os.getpid()}"
+    marker_name, marker_value = "REFINE_MORE_KILLED_DRIVER_TEST", str(os.getpid())
+    marker = f"{marker_name}={marker_value}"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": "", marker.split("=")[0]: marker.split("=")[1]})
+                            env={**os.environ, "RAY_ADDRESS": "", marker_name: marker_value})
     try:
         deadline = time.time() + 480   # a loaded 2-core machine: Ray ~40 s to start, a subject ~130 s
         while not list(out.glob(f"*/scratch/{DONE}")) and proc.poll() is None and time.time() < deadline:
