@@ -29,7 +29,7 @@ from . import plots
 from .guards import LOCK_FILE, output_lock
 from .manifest import file_sha256, read_manifest, validate_entries
 from .plan import CohortPlan, plan_cohort
-from .ray_cluster import check_num_cpus, connect_ray, task_error, task_resources
+from .ray_cluster import check_num_cpus, connect_ray, free_task_slots, task_error, task_resources
 from .results import (CONFIG_FILE, RESULTS_FILE, SEED_STATE_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport,
                       failed_row, format_summary, read_done, rows_frame, subject_dir, summarize,
                       summary_metrics, write_json, write_results)
@@ -79,7 +79,22 @@ class _Scheduler:
         self.seed_ref = ray.put(d)       # ONCE per cohort run
         self.report.seed_puts += 1
 
-    def start(self, seed_dict=None):
+    def warm_up(self, slots: int):
+        """While the seed runs alone, warm one idle worker per free slot (at most one per waiting
+        task) with the tasks' own resources, so that no adapted task pays a worker's start-up
+        (imports, torch._dynamo, the CUDA context) after the seed. Results are not waited for."""
+        from . import tasks
+        device = "cuda" if self.opts.get("num_gpus") else "cpu"
+        n = max(0, min(slots, len(self.waiting)))
+        if n:
+            self.log(f"warming {n} idle worker{'s' if n > 1 else ''} while the seed {self.seed_id} runs")
+        for _ in range(n):
+            ref = tasks.warm_up_task.options(num_cpus=self.opts["num_cpus"], num_gpus=self.opts["num_gpus"],
+                                             max_retries=0).remote(device)
+            self.pending[ref] = ("warm_up", None, None)
+
+    def start(self, seed_dict=None, free_slots: int = 0):
+        """Submit what can run now; ``free_slots``: task slots free before anything was submitted."""
         plan = self.plan
         if plan.seed_todo:
             self.submit_seed(plan.seed)
@@ -90,6 +105,8 @@ class _Scheduler:
                 self.submit(e, m)
             else:
                 self.waiting.append((e, m))
+        if plan.seed_todo and len(self.pending) == 1:      # the seed alone: the other slots idle
+            self.warm_up(free_slots - 1)
 
     def _fall_back(self, row: dict) -> bool:
         """After a failed seed run: the next valid subject (manifest order) becomes the seed, at most
@@ -143,8 +160,8 @@ class _Scheduler:
 
     def _refresh(self):
         # in_flight: submitted, not yet finished (queued or running)
-        self.bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"], in_flight=len(self.pending),
-                             refresh=False)
+        self.bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"],
+                             in_flight=sum(k != "warm_up" for k, _, _ in self.pending.values()), refresh=False)
         self.bar.refresh()
 
     def run(self) -> list:
@@ -154,6 +171,13 @@ class _Scheduler:
         while self.pending:
             ready, _ = ray.wait(list(self.pending), num_returns=1)
             kind, e, m = self.pending.pop(ready[0])
+            if kind == "warm_up":
+                try:
+                    ray.get(ready[0])
+                    self.report.warmed_workers += 1
+                except ray.exceptions.RayError:      # only an optimisation: the task itself will tell
+                    pass
+                continue
             try:
                 value = ray.get(ready[0])
                 row, state = value if kind == "seed" else (value, None)
@@ -308,7 +332,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
                              resources=report.resources, n_subjects=len(entries), seed_subject=plan.seed_id)
         scheduler = _Scheduler(plan, out_dir, task_cfg, opts, tracker, report, config_hash,
                                config.adapt.lora_rank, log, progress)
-        scheduler.start(seed_dict)
+        scheduler.start(seed_dict, free_slots=free_task_slots(cpus_per_task, gpus))
         del seed_dict
         rows = scheduler.run()
         tracker.log_unrecorded(rows)        # invalid files, subjects failed with their seed, resumed rows

@@ -95,3 +95,13 @@ def wait_for_fitting_node(cpus_per_task: float, gpus_per_task: float, wait_s: fl
                 f"(largest now: {big['CPU']:g} CPUs, {big['GPU']:g} GPUs)")
             said = True
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def free_task_slots(cpus_per_task: float, gpus_per_task: float = 0.0) -> int:
+    """How many tasks of this size the cluster could start now (``ray.available_resources``)."""
+    import ray
+    free = ray.available_resources()
+    slots = int(free.get("CPU", 0.0) // cpus_per_task) if cpus_per_task > 0 else 1 << 30
+    if gpus_per_task:
+        slots = min(slots, int(free.get("GPU", 0.0) // gpus_per_task))
+    return slots

@@ -190,6 +190,7 @@ class CohortReport:
     seed_puts: int = 0                 # ray.put calls of the seed state (1 when any adaptation ran)
     n_reconstructed: int = 0           # reconstructions that ran (ok or failed) in this run
     n_resumed: int = 0
+    warmed_workers: int = 0            # idle workers warmed up while the seed ran (Scheduler.warm_up)
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     resources: dict = field(default_factory=dict)

@@ -132,6 +132,28 @@ def run_seed(path, out_dir, config_dict: dict, *, subject_id: Optional[str] = No
     return row, SeedState.from_result(result).to_numpy_dict()
 
 
+def warm_up(device: str = "cpu") -> dict:
+    """Pay a fresh worker's one-time start-up, so that its first reconstruction does not: the
+    package's imports (torch among them), torch._dynamo (which torch.optim imports at the first
+    optimiser: ~2 s on a CPU), matplotlib, and on a GPU the CUDA context. The driver runs it on the
+    idle workers while the seed reconstructs (~7 s per worker on the 2-core VM). Returns where it ran."""
+    import os
+
+    import torch
+
+    from refine_more import recon  # noqa: F401  (the reconstruction's import chain)
+    from refine_more.optimizer import adam
+    from refine_more.plots import _plt
+
+    t0 = time.perf_counter()
+    adam([torch.nn.Parameter(torch.zeros(1))], 1e-3)
+    _plt()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    return {"node": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+
+
 def load_seed_state_dict(out_dir, seed_id: str) -> Optional[dict]:
     """The saved seed state of a finished seed (resume), as a numpy dict; None when unusable."""
     from refine_more.adaptation import SeedState, SeedStateError

@@ -53,3 +53,10 @@ def seed_task(path, out_dir, config_dict, *, subject_id=None):
     """``subject_run.run_seed`` in a worker: returns ``(row, SeedState numpy dict)``."""
     _threads()
     return subject_run.run_seed(path, out_dir, config_dict, subject_id=subject_id, node=_node(), node_id=_node_id())
+
+
+@ray.remote(max_retries=0)
+def warm_up_task(device):
+    """``subject_run.warm_up`` in an idle worker while the seed runs (an optimisation: never retried)."""
+    _threads()
+    return subject_run.warm_up(device)
