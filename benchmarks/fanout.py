@@ -275,7 +275,7 @@ def summarize_size(runs: list, plain: list, n: int) -> dict:
     if plain:
         pbest = {w: min(r["wall_s"] for r in plain if r["workers"] == w) for w in (1, 2)}
         peffs = [a["wall_s"] / (2 * b["wall_s"]) for a, b in zip(plain[0::2], plain[1::2])]
-        size["plain_pool"] = {"runs": plain, "best_wall_s": {str(w): v for w, v in pbest.items()},
+        size["plain_pool"] = {"best_wall_s": {str(w): v for w, v in pbest.items()},
                               "efficiency": statistics.median(peffs), "efficiency_all": [round(e, 3) for e in peffs],
                               "efficiency_best_of": pbest[1] / (2 * pbest[2])}
         size["efficiency_of_ceiling"] = size["efficiency"] / size["plain_pool"]["efficiency"]
@@ -285,10 +285,7 @@ def summarize_size(runs: list, plain: list, n: int) -> dict:
 def summarize(res: dict) -> dict:
     """Fill ``res`` (its ``runs``, ``plain_runs`` and ``subject_counts``) with the per-size summaries
     and the headline at the largest size; ``--rebuild`` reruns it on a saved file."""
-    counts, runs = res["subject_counts"], res["runs"]
-    if "plain_runs" not in res:      # a file written before plain_runs was kept at the top
-        res["plain_runs"] = [r for k in counts for r in res["by_subjects"][str(k)].get("plain_pool", {}).get("runs", [])]
-    plain = res["plain_runs"]
+    counts, runs, plain = res["subject_counts"], res["runs"], res.get("plain_runs", [])
     n = counts[-1]
     sizes = {str(k): summarize_size(runs, plain, k) for k in counts}
     head = sizes[str(n)]

@@ -138,6 +138,7 @@ def warm_up(device: str = "cpu") -> dict:
     optimiser: ~2 s on a CPU), matplotlib, and on a GPU the CUDA context. The driver runs it on the
     idle workers while the seed reconstructs (~7 s per worker on the 2-core VM). Returns where it ran."""
     import os
+    t0 = time.perf_counter()
 
     import torch
 
@@ -145,7 +146,6 @@ def warm_up(device: str = "cpu") -> dict:
     from refine_more.optimizer import adam
     from refine_more.plots import _plt
 
-    t0 = time.perf_counter()
     adam([torch.nn.Parameter(torch.zeros(1))], 1e-3)
     _plt()
     if device == "cuda" and torch.cuda.is_available():
