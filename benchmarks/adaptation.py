@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from refine_more.adaptation import SeedState
+from refine_more.reconstruction.adaptation import SeedState
 from refine_more.config import apply_overrides, preset
-from refine_more.names import SCORED_MAPS as SCORED
-from refine_more.recon import reconstruct
-from refine_more.simulate import SimulationConfig, load_templates, simulate_subject
+from refine_more.files.names import SCORED_MAPS as SCORED
+from refine_more.reconstruction.recon import reconstruct
+from refine_more.evaluation.simulate import SimulationConfig, load_templates, simulate_subject
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -6,7 +6,7 @@ maps, a fully sampled ``reference/kspace_full``) as gzip-chunked HDF5 written on
 when read), then runs each validation path in its own process and records its wall time and peak
 resident memory (``ru_maxrss`` of the child):
 
-- ``full_read``: :func:`refine_more.subject.validate_subject_file` on every file, what the driver
+- ``full_read``: :func:`refine_more.files.subject.validate_subject_file` on every file, what the driver
   did before issue 16 (every dataset read and checked value by value);
 - ``headers``: :func:`cohort.manifest.validate_entries`, the driver's validation now (members,
   dtypes, shapes, attributes, declared sizes and written storage; no array values read);
@@ -40,7 +40,7 @@ def _write_subject(path: Path, sid: str, rng) -> None:
     """One subject at the paper's size, chunk (one image, one coil) at a time."""
     import h5py
 
-    from refine_more.protocol import Protocol
+    from refine_more.physics.protocol import Protocol
 
     mask = rng.random((T, Z, Y)) < 0.25
     mask[:, Z // 2 - 4:Z // 2 + 4, Y // 2 - 8:Y // 2 + 8] = True
@@ -92,7 +92,7 @@ def make_cohort(folder: Path, n: int) -> Path:
 CHILD = r"""
 import json, resource, sys, time
 from cohort.manifest import read_manifest, validate_entries
-from refine_more.subject import validate_subject_file
+from refine_more.files.subject import validate_subject_file
 how, manifest = sys.argv[1], sys.argv[2]
 entries = read_manifest(manifest)
 t0 = time.perf_counter()

@@ -11,7 +11,7 @@ means per subject (WM and GM in the four quadrants of the axial plane) against t
                                     [--set KEY=VALUE ...] [--out FILE]
 
 `--zero-filled-start` adds the refinement started from the zero-filled fit instead of the INR (the
-paper's Fig. S4 ablation; refine_more/zero_filled_start.py).
+paper's Fig. S4 ablation; refine_more/reconstruction/zero_filled_start.py).
 
 Writes benchmarks/results/evaluation.json, evaluation_table.md and evaluation_bland_altman.png (for
 --out X.json: X_table.md and X_bland_altman.png beside it).
@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_more.adaptation import SeedState
+from refine_more.reconstruction.adaptation import SeedState
 from refine_more.config import apply_overrides, preset
-from refine_more.evaluation import bland_altman_png, cohort_agreement, cohort_table, subject_scores
-from refine_more.fitting import fit_images
-from refine_more.llr import llr_reconstruct
-from refine_more.operators import zero_filled_images
-from refine_more.recon import reconstruct
-from refine_more.simulate import SimulationConfig, load_templates, simulate_subject
-from refine_more.zero_filled_start import refine_from_zero_filled
+from refine_more.evaluation.cohort_tables import bland_altman_png, cohort_agreement, cohort_table, subject_scores
+from refine_more.baselines.fitting import fit_images
+from refine_more.baselines.llr import llr_reconstruct
+from refine_more.physics.operators import zero_filled_images
+from refine_more.reconstruction.recon import reconstruct
+from refine_more.evaluation.simulate import SimulationConfig, load_templates, simulate_subject
+from refine_more.reconstruction.zero_filled_start import refine_from_zero_filled
 
 RESULTS = Path(__file__).parent / "results"
 PARAMS = ("I0", "T1F", "f", "kF")

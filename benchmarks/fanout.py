@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         return 0
     if min(args.subjects) < 8 or args.repeats < 1:
         ap.error("every --subjects must be >= 8 and --repeats >= 1")
-    from refine_more.simulate import SimulationConfig, simulate_cohort
+    from refine_more.evaluation.simulate import SimulationConfig, simulate_cohort
 
     counts = sorted(set(args.subjects))
     work = Path(args.data or tempfile.mkdtemp(prefix="fanout"))

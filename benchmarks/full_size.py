@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_more.atomic import atomic_write_text
+from refine_more.files.atomic import atomic_write_text
 from refine_more.config import apply_overrides, preset
-from refine_more.operators import MultiCoilCartesian
-from refine_more.physics import resolve_device
-from refine_more.recon import finish, setup, train_inr, train_refinement
-from refine_more.subject import read_subject
+from refine_more.physics.operators import MultiCoilCartesian
+from refine_more.physics.scan import resolve_device
+from refine_more.reconstruction.recon import finish, setup, train_inr, train_refinement
+from refine_more.files.subject import read_subject
 from timing import time_calls
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,8 +89,8 @@ class RSSSampler:
 
 def simulate_to_file(matrix, coils: int, path: str) -> float:
     """Simulate in a child process (its memory is not ours) and write the subject; its peak RSS."""
-    code = ("import sys; from refine_more.simulate import SimulationConfig, simulate_subject; "
-            "from refine_more.subject import write_subject; "
+    code = ("import sys; from refine_more.evaluation.simulate import SimulationConfig, simulate_subject; "
+            "from refine_more.files.subject import write_subject; "
             f"write_subject(sys.argv[1], simulate_subject('sub-full', SimulationConfig(matrix={tuple(matrix)}, "
             f"n_coils={coils}), seed=1))")
     subprocess.run([sys.executable, "-c", code, path], check=True)

@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, append to the log, say h
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-step pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/refine_more/test_cuda.py tests/refine_more/test_encoding.py tests/refine_more/test_operators.py
+step pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/refine_more/reconstruction/test_cuda.py tests/refine_more/networks/test_encoding.py tests/refine_more/physics/test_operators.py
 step hash_encoding 60 python3 benchmarks/hash_encoding.py --device cuda --repeats 10 --out "$OUT/hash_encoding_cuda.json"
 step operator 60 python3 benchmarks/operator.py --shape 48 176 176 --coils 20 --images 8 --device cuda \
   --out "$OUT/operator_cuda.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from refine_more.encoding import HashEncoding, HashEncodingConfig
+from refine_more.networks.encoding import HashEncoding, HashEncodingConfig
 from timing import sync, time_calls
 
 

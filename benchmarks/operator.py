@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_more.operators import MultiCoilCartesian, centring_modulation, fft3c, ifft3c
+from refine_more.physics.operators import MultiCoilCartesian, centring_modulation, fft3c, ifft3c
 from timing import time_calls
 
 RESULTS = Path(__file__).parent / "results"

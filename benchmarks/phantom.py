@@ -1,4 +1,4 @@
-"""The paper's phantom study (§3.4.2, Fig. 5) on the simulated vial phantom (refine_more/phantom.py).
+"""The paper's phantom study (§3.4.2, Fig. 5) on the simulated vial phantom (refine_more/evaluation/phantom.py).
 
 One phantom, the phantom protocol (5 flip angles incl. 60°, with and without saturation, TR 80 ms,
 B1max 9.128 µT), a 1-D mask with AF 4 and the paper's 24 of 128 central lines scaled to the
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_more.atomic import atomic_path, atomic_write_text
+from refine_more.files.atomic import atomic_path, atomic_write_text
 from refine_more.config import apply_overrides, preset
-from refine_more.fitting import fit_images
-from refine_more.llr import llr_reconstruct
-from refine_more.operators import zero_filled_images
-from refine_more.phantom import PhantomConfig, regression, simulate_phantom, vial_masks, vial_means
-from refine_more.recon import reconstruct
+from refine_more.baselines.fitting import fit_images
+from refine_more.baselines.llr import llr_reconstruct
+from refine_more.physics.operators import zero_filled_images
+from refine_more.evaluation.phantom import PhantomConfig, regression, simulate_phantom, vial_masks, vial_means
+from refine_more.reconstruction.recon import reconstruct
 
 RESULTS = Path(__file__).parent / "results"
 MAPS = ("T1F", "f", "kF")
@@ -112,7 +112,7 @@ def markdown(out: dict) -> str:
 
 def scatter_png(path, passes: list) -> None:
     """Fig. 5B: per pass a row, per map a panel; vial means against the fully sampled fit's."""
-    from refine_more.plots import _plt
+    from refine_more.evaluation.plots import _plt
 
     plt = _plt()
     fig, axes = plt.subplots(len(passes), len(MAPS), figsize=(3.6 * len(MAPS), 3.4 * len(passes)), squeeze=False)
@@ -151,7 +151,7 @@ def scatter_png(path, passes: list) -> None:
 
 def maps_png(path, ps: dict, truth: dict, mask) -> None:
     """Fig. 5A: the central slice of each method's maps, the fully sampled fit's and the truth."""
-    from refine_more.plots import DISPLAY, _plt
+    from refine_more.evaluation.plots import DISPLAY, _plt
 
     plt = _plt()
     rows = [("truth", truth), ("full-fit", ps["maps"]["full-fit"])] + [(m, ps["maps"][m]) for m in METHODS]

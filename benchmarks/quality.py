@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from refine_more.config import preset
-from refine_more.fitting import fit_images
-from refine_more.llr import llr_reconstruct
-from refine_more.metrics import score_maps
-from refine_more.operators import zero_filled_images
-from refine_more.plots import montage_png
-from refine_more.recon import reconstruct
-from refine_more.simulate import SimulationConfig, simulate_subject
+from refine_more.baselines.fitting import fit_images
+from refine_more.baselines.llr import llr_reconstruct
+from refine_more.evaluation.metrics import score_maps
+from refine_more.physics.operators import zero_filled_images
+from refine_more.evaluation.plots import montage_png
+from refine_more.reconstruction.recon import reconstruct
+from refine_more.evaluation.simulate import SimulationConfig, simulate_subject
 
 RESULTS = Path(__file__).parent / "results"
 PARAMS = ("I0", "T1F", "f", "kF")
@@ -36,8 +36,8 @@ PARAMS = ("I0", "T1F", "f", "kF")
 def warm_start_maps(subject, result) -> dict:
     """Physical maps of the warm start alone: the result's INR maps after the warm start (M
     descent steps or 16 + M L-BFGS iterations, `unroll.warm_start_solver`)."""
-    from refine_more.objective import RefinementObjective
-    from refine_more.physics import ScanPhysics
+    from refine_more.reconstruction.objective import RefinementObjective
+    from refine_more.physics.scan import ScanPhysics
     config = result.state["config"]
     inr, unrolled = result.state["inr"], result.state["unrolled"]
     prob = ScanPhysics(subject, config, next(inr.parameters()).device)
@@ -72,7 +72,7 @@ def main():
         maps = fit_images(images, subject.protocol, subject.b1, subject.tissue_mask, k_band=preset(args.preset).k_band)
         rows[method] = {"seconds": time.perf_counter() - t, **score_maps(maps, ref, wm_gm)}
         maps_by_method[method] = maps
-    # the paper's classical baseline: locally low-rank images (refine_more/llr.py), then the same fit
+    # the paper's classical baseline: locally low-rank images (refine_more/baselines/llr.py), then the same fit
     t = time.perf_counter()
     images = llr_reconstruct(subject.kspace, subject.coil_sens, subject.mask)[0].numpy()
     maps = fit_images(images, subject.protocol, subject.b1, subject.tissue_mask, k_band=preset(args.preset).k_band)

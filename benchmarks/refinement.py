@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from refine_more.config import preset
-from refine_more.fitting import fit_images
-from refine_more.metrics import score_maps
-from refine_more.objective import RefinementObjective
-from refine_more.operators import zero_filled_images
-from refine_more.classical import classical_minimum
-from refine_more.recon import setup, train_inr, train_refinement
-from refine_more.simulate import SimulationConfig, simulate_subject
-from refine_more.unrolled import UnrolledPGD
+from refine_more.baselines.fitting import fit_images
+from refine_more.evaluation.metrics import score_maps
+from refine_more.reconstruction.objective import RefinementObjective
+from refine_more.physics.operators import zero_filled_images
+from refine_more.reconstruction.classical import classical_minimum
+from refine_more.reconstruction.recon import setup, train_inr, train_refinement
+from refine_more.evaluation.simulate import SimulationConfig, simulate_subject
+from refine_more.reconstruction.unrolled import UnrolledPGD
 
 RESULTS = Path(__file__).parent / "results"
 MAPS = ("T1F", "f", "kF")
@@ -156,7 +156,7 @@ def subject_rows(subject, config, choice=None) -> dict:
 
 
 def variant_physics(run, config):
-    from refine_more.physics import ScanPhysics
+    from refine_more.physics.scan import ScanPhysics
     other = copy.copy(run)
     other.physics = ScanPhysics(run.subject, config, run.physics.tissue.device)
     return other

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from refine_more.config import apply_overrides, preset
-from refine_more.recon import finish, reconstruct, setup, train_inr, train_refinement
-from refine_more.signal_model import BTSModel
-from refine_more.simulate import SimulationConfig, simulate_subject
-from refine_more.synthesis import synthesize
+from refine_more.reconstruction.recon import finish, reconstruct, setup, train_inr, train_refinement
+from refine_more.physics.signal_model import BTSModel
+from refine_more.evaluation.simulate import SimulationConfig, simulate_subject
+from refine_more.reconstruction.synthesis import synthesize
 
 RESULTS = Path(__file__).parent / "results"
 

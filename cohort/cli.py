@@ -52,7 +52,7 @@ def _add_run(sub) -> None:
                    help="adapt every subject from the seed state of an earlier run (its output folder, its "
                         "seed_state.safetensors, or its MLflow parent run: runs:/<run id>); no seed is reconstructed")
     r.add_argument("--bids", default=None, metavar="DIR",
-                   help="also write the finished maps as BIDS derivatives in DIR (refine_more/interop/bids.py)")
+                   help="also write the finished maps as BIDS derivatives in DIR (refine_more/files/interop/bids.py)")
     r.set_defaults(func=_run)
 
 
@@ -88,14 +88,14 @@ def _run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.bids:
-        from refine_more.interop.bids import entries_from_results, write_bids
+        from refine_more.files.interop.bids import entries_from_results, write_bids
         write_bids(args.bids, entries_from_results(args.out))
     return 1 if report.n_failed and not args.allow_failures else 0
 
 
 def _demo(args) -> int:
     """The main job: simulate a small cohort, run it through the Ray driver in `both` modes."""
-    from refine_more.simulate import SimulationConfig, simulate_cohort
+    from refine_more.evaluation.simulate import SimulationConfig, simulate_cohort
 
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -12,9 +12,9 @@ from refine_more import cli as method_cli
 COMMAND_MODULES = (
     "refine_more.cli",      # simulate, validate, fit, recon
     "refine_more.describe",  # describe
-    "refine_more.synthesis",  # synthesize
+    "refine_more.reconstruction.synthesis",  # synthesize
     "cohort.cli",           # cohort run, demo
-    "refine_more.interop.cli",  # import refine-more-mat|ismrmrd, export ismrmrd|bids
+    "refine_more.files.interop.cli",  # import refine-more-mat|ismrmrd, export ismrmrd|bids
 )
 
 

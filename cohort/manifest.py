@@ -7,7 +7,7 @@ Problems with the manifest *itself* (unreadable, missing columns, duplicate, mis
 two seed rows, unknown roles) raise :class:`ManifestError`: nothing sensible can run. Problems with
 a *subject file* (missing, corrupt, not following the spec) are not errors here:
 :func:`validate_entries` marks those entries invalid so the driver can record them as failed rows
-and go on with the rest. It reads headers only (:func:`refine_more.subject.validate_subject_headers`):
+and go on with the rest. It reads headers only (:func:`refine_more.files.subject.validate_subject_headers`):
 a file whose values are bad (NaN, all zero) fails in its task, which reads it anyway.
 """
 from __future__ import annotations
@@ -120,11 +120,11 @@ def _role(role, path, i: int) -> str:
 
 
 def validate_entries(entries: list[Entry], progress: bool = False) -> list[Entry]:
-    """Fill ``entry.problems`` from :func:`refine_more.subject.validate_subject_headers` (in
+    """Fill ``entry.problems`` from :func:`refine_more.files.subject.validate_subject_headers` (in
     place): headers only, no array value is read (see the module docstring)."""
     from tqdm import tqdm
 
-    from refine_more.subject import validate_subject_headers
+    from refine_more.files.subject import validate_subject_headers
 
     for e in tqdm(entries, desc="validate", disable=not progress, leave=False):
         if not os.path.lexists(e.path):

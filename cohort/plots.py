@@ -4,13 +4,13 @@
 - :func:`loss_plot` -- loss curves over the global iteration index, stage boundary marked.
 - :func:`summary_plot` -- runtime per subject and mode (grouped bars).
 
-Map and loss pictures live in :mod:`refine_more.plots`; this module adds the cohort chart.
+Map and loss pictures live in :mod:`refine_more.evaluation.plots`; this module adds the cohort chart.
 """
 from __future__ import annotations
 
 import math
 
-from refine_more.plots import global_steps, loss_png, montage_png  # noqa: F401 (re-exported)
+from refine_more.evaluation.plots import global_steps, loss_png, montage_png  # noqa: F401 (re-exported)
 
 
 
@@ -22,7 +22,7 @@ def _plt():
 
 
 def _save(fig, path):
-    from refine_more.maps_io import atomic_write
+    from refine_more.files.maps_io import atomic_write
     plt = _plt()
     try:
         atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))

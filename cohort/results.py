@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from refine_more.atomic import atomic_write, atomic_write_text
-from refine_more.names import MAP_NAMES
+from refine_more.files.atomic import atomic_write, atomic_write_text
+from refine_more.files.names import MAP_NAMES
 
 MODES = ("scratch", "adapted")
 DONE = "done.json"

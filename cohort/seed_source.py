@@ -63,7 +63,7 @@ def resolve_seed_from(spec: str, config, tracking_uri: Optional[str] = None):
     """``(numpy dict for ray.put, seed subject id, path of the state file read)``; raises
     :class:`SeedSourceError`. A downloaded file lives in a temporary folder until this process
     ends (the run logs it as its own artifact at the end) or at once when it is unusable."""
-    from refine_more.adaptation import SeedState, SeedStateError
+    from refine_more.reconstruction.adaptation import SeedState, SeedStateError
 
     spec = str(spec)
     path = Path(spec)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from refine_more.atomic import atomic_write_text
-from refine_more.metrics import score_maps
-from refine_more.names import MAP_NAMES
+from refine_more.files.atomic import atomic_write_text
+from refine_more.evaluation.metrics import score_maps
+from refine_more.files.names import MAP_NAMES
 
 from . import plots
 from .resume import input_digest
@@ -33,8 +33,8 @@ def _fresh_dir(odir: Path) -> None:
 
 def _write_outputs(odir: Path, sid: str, mode: str, subject, result, config) -> dict:
     """Maps, resolved config, montage, history and loss curves; returns their paths and the history."""
-    from refine_more.maps_io import write_maps
-    from refine_more.synthesis import INR_FILE, save_inr
+    from refine_more.files.maps_io import write_maps
+    from refine_more.reconstruction.synthesis import INR_FILE, save_inr
 
     maps_path = write_maps(odir, result.maps, result.tissue_mask, subject_id=sid, method=result.method,
                            config_hash=result.config_hash, voxel_size_mm=subject.voxel_size_mm)
@@ -80,8 +80,8 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     """Reconstruct one subject, write its outputs (``done.json`` last); return ``(row, result)``.
     The row records the input's digest (:func:`cohort.resume.input_digest`), read before the file."""
     from refine_more.config import ReconConfig
-    from refine_more.recon import reconstruct
-    from refine_more.subject import read_subject
+    from refine_more.reconstruction.recon import reconstruct
+    from refine_more.files.subject import read_subject
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -100,7 +100,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
     outputs = _write_outputs(odir, sid, mode, subject, result, config)
     if save_seed_state:
-        from refine_more.adaptation import SeedState
+        from refine_more.reconstruction.adaptation import SeedState
         SeedState.from_result(result).save(odir / SEED_STATE_FILE)
     row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
                scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
@@ -126,7 +126,7 @@ def run_seed(path, out_dir, config_dict: dict, *, subject_id: Optional[str] = No
              node: Optional[str] = None, node_id: Optional[str] = None) -> tuple:
     """Reconstruct the seed from scratch (outputs under ``<id>/scratch``, plus
     ``seed_state.safetensors`` for resuming); return ``(row, SeedState numpy dict)``."""
-    from refine_more.adaptation import SeedState
+    from refine_more.reconstruction.adaptation import SeedState
     row, result = reconstruct_subject(path, out_dir, "scratch", config_dict, None, subject_id=subject_id,
                                       is_seed=True, save_seed_state=True, node=node, node_id=node_id)
     return row, SeedState.from_result(result).to_numpy_dict()
@@ -142,9 +142,9 @@ def warm_up(device: str = "cpu") -> dict:
 
     import torch
 
-    from refine_more import recon  # noqa: F401  (the reconstruction's import chain)
-    from refine_more.optimizer import adam
-    from refine_more.plots import _plt
+    from refine_more.reconstruction import recon  # noqa: F401  (the reconstruction's import chain)
+    from refine_more.reconstruction.optimizer import adam
+    from refine_more.evaluation.plots import _plt
 
     adam([torch.nn.Parameter(torch.zeros(1))], 1e-3)
     _plt()
@@ -156,7 +156,7 @@ def warm_up(device: str = "cpu") -> dict:
 
 def load_seed_state_dict(out_dir, seed_id: str) -> Optional[dict]:
     """The saved seed state of a finished seed (resume), as a numpy dict; None when unusable."""
-    from refine_more.adaptation import SeedState, SeedStateError
+    from refine_more.reconstruction.adaptation import SeedState, SeedStateError
     p = subject_dir(out_dir, seed_id, "scratch") / SEED_STATE_FILE
     try:
         return SeedState.load(p).to_numpy_dict()

@@ -284,7 +284,7 @@ class CohortTracker:
         return rid
 
     def _child_run(self, row: dict, history: list, lora_rank: Optional[int], synced: bool) -> str:
-        from refine_more.plots import global_steps
+        from refine_more.evaluation.plots import global_steps
         start = int(1000 * row["started_at"]) if _finite(row.get("started_at")) else None
         tags = {"mlflow.parentRunId": self.parent_run_id, "refine_more.kind": "subject",
                 "subject_id": row["subject_id"], "mode": row["mode"], "status": row["status"]}

@@ -56,12 +56,12 @@ def check_out_dir(path) -> None:
 
 
 def _simulate(args):
-    from .simulate import SimulationConfig, simulate_cohort
+    from refine_more.evaluation.simulate import SimulationConfig, simulate_cohort
     check_out_dir(args.out)
     if args.subjects < 1:
         raise UsageError(f"simulate: --subjects must be >= 1, got {args.subjects}")
-    if args.phantom:  # the paper's vial phantom (Fig. 5): phantom protocol, 1-D mask (refine_more/phantom.py)
-        from .phantom import PhantomConfig, simulate_phantom_cohort
+    if args.phantom:  # the paper's vial phantom (Fig. 5): phantom protocol, 1-D mask (refine_more/evaluation/phantom.py)
+        from refine_more.evaluation.phantom import PhantomConfig, simulate_phantom_cohort
         try:
             pcfg = PhantomConfig(matrix=tuple(args.matrix), acceleration=args.acc, n_coils=args.coils, snr=args.snr,
                                  write_coil_sens=not args.estimate_coils)
@@ -81,7 +81,7 @@ def _simulate(args):
 
 
 def _validate(args):
-    from .subject import validate_subject_file
+    from refine_more.files.subject import validate_subject_file
     bad = 0
     for path in args.files:
         problems = validate_subject_file(path)
@@ -97,22 +97,22 @@ def _fit_images(args, subject, kspace, coils):
     """The images the fit sees, and the 'config hash' that names how they were made."""
     import torch
 
-    from .operators import zero_filled_images
+    from refine_more.physics.operators import zero_filled_images
     if args.method == "llr":
-        from .llr import LLR_BLOCK, LLR_ITERS, LLR_LAMBDA, llr_reconstruct
+        from refine_more.baselines.llr import LLR_BLOCK, LLR_ITERS, LLR_LAMBDA, llr_reconstruct
         images = llr_reconstruct(kspace, coils, subject.mask)[0].numpy()
         return images, f"llr-lam{LLR_LAMBDA:g}-block{'x'.join(map(str, LLR_BLOCK))}-it{LLR_ITERS}+voxelwise-lm"
     return zero_filled_images(torch.from_numpy(kspace), torch.from_numpy(coils)).numpy(), "voxelwise-lm"
 
 
 def _fit(args):
-    from .b1 import b1_for
-    from .coils import coil_maps_for
-    from .fitting import fit_images
-    from .maps_io import write_maps
-    from .names import MAP_NAMES
-    from .subject import read_subject
-    from .tissue import derive_tissue_mask
+    from refine_more.physics.b1 import b1_for
+    from refine_more.physics.coils import coil_maps_for
+    from refine_more.baselines.fitting import fit_images
+    from refine_more.files.maps_io import write_maps
+    from refine_more.files.names import MAP_NAMES
+    from refine_more.files.subject import read_subject
+    from refine_more.physics.tissue import derive_tissue_mask
 
     check_out_dir(args.out)
     k_band = tuple(args.k_band) if args.k_band else None
@@ -143,9 +143,9 @@ def _fit(args):
 
 
 def _recon(args):
-    from .config import load_config
-    from .recon import reconstruct
-    from .subject import read_subject
+    from refine_more.config import load_config
+    from refine_more.reconstruction.recon import reconstruct
+    from refine_more.files.subject import read_subject
 
     overrides = list(args.set or []) + ([f"device={args.device}"] if args.device else [])
     try:
@@ -158,7 +158,7 @@ def _recon(args):
     with _staged(Path(args.out)) as out:
         _write_recon(out, args, subject, config, result)
     if args.bids:
-        from .interop.bids import BidsEntry, write_bids
+        from refine_more.files.interop.bids import BidsEntry, write_bids
         write_bids(args.bids, [BidsEntry(str(Path(args.out) / "maps.h5"), str(args.file))])
     return 0
 
@@ -190,18 +190,18 @@ class _staged:
 
 def _write_recon(out: Path, args, subject, config, result) -> None:
     """Maps, NIfTI, config.json, montage, loss curves, history and summary.json into ``out``."""
-    from .atomic import atomic_write_text
-    from .maps_io import write_maps
-    from .metrics import score_maps
-    from .names import MAP_NAMES
-    from .plots import loss_png, montage_png
+    from refine_more.files.atomic import atomic_write_text
+    from refine_more.files.maps_io import write_maps
+    from refine_more.evaluation.metrics import score_maps
+    from refine_more.files.names import MAP_NAMES
+    from refine_more.evaluation.plots import loss_png, montage_png
 
     write_maps(out, {k: result.maps[k] for k in MAP_NAMES}, result.tissue_mask,
                subject_id=subject.subject_id, method=result.method, config_hash=result.config_hash,
                voxel_size_mm=subject.voxel_size_mm)
     atomic_write_text(out / "config.json", json.dumps({"config_hash": config.hash(), "config": config.to_dict()},
                                                       indent=1))
-    from .synthesis import INR_FILE, save_inr
+    from refine_more.reconstruction.synthesis import INR_FILE, save_inr
     save_inr(out / INR_FILE, result)           # what `refine-more synthesize` needs
     ref = {k: subject.reference[k] for k in MAP_NAMES if k in subject.reference} or None
     montage_png(out / "montage.png", result.maps, ref, title=f"{subject.subject_id} {result.method}")
@@ -219,7 +219,7 @@ def _write_recon(out: Path, args, subject, config, result) -> None:
 
 def add_config_arguments(p: argparse.ArgumentParser, default_preset: str = "small") -> None:
     """``--preset``, ``--config FILE`` and repeatable ``--set KEY=VALUE`` (see ``config.load_config``)."""
-    from .config import PRESETS
+    from refine_more.config import PRESETS
     p.add_argument("--preset", default=default_preset, choices=tuple(PRESETS),
                    help="config preset: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
                    + f" (default {default_preset})")
@@ -256,7 +256,7 @@ def add_commands(sub) -> None:
     f = sub.add_parser("fit", help="voxel-wise fit of zero-filled, fully sampled or LLR images")
     f.add_argument("file")
     f.add_argument("--method", choices=("zf", "full", "llr"), default="zf",
-                   help="images to fit: zero-filled, the fully sampled reference, or locally low-rank (refine_more/llr.py)")
+                   help="images to fit: zero-filled, the fully sampled reference, or locally low-rank (refine_more/baselines/llr.py)")
     f.add_argument("--out", required=True)
     f.add_argument("--k-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="bounds of k = kF/f in 1/s (default 20 26; 23 23 holds k fixed, as the `small` preset does)")

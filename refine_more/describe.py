@@ -13,9 +13,9 @@ import json
 def model_sizes(config) -> dict:
     """Parameter counts of the models `config` builds (no data needed: the tables do not depend
     on the matrix; the U-Net's LoRA as an adapted run adds it)."""
-    from .inr import INR
-    from .unet import add_lora, count_parameters
-    from .unrolled import UnrolledPGD
+    from refine_more.networks.inr import INR
+    from refine_more.networks.unet import add_lora, count_parameters
+    from refine_more.reconstruction.unrolled import UnrolledPGD
 
     inr = INR(n_images=8, shape=(2, 2, 2), config=config.inr, seed=config.seed)
     unet = UnrolledPGD(config.unroll).unet
@@ -27,7 +27,7 @@ def model_sizes(config) -> dict:
 def _describe(args) -> int:
     import yaml
 
-    from .config import load_config
+    from refine_more.config import load_config
 
     config = load_config(args.config, args.preset, args.set)
     print(f"# preset {args.preset}" + (f", file {args.config}" if args.config else "")
@@ -39,7 +39,7 @@ def _describe(args) -> int:
 
 def add_commands(sub) -> None:
     """describe."""
-    from .cli import add_config_arguments
+    from refine_more.cli import add_config_arguments
 
     d = sub.add_parser("describe", help="print a resolved configuration and its models' parameter counts",
                        description="The resolved configuration as YAML; the last line is JSON with "

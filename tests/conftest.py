@@ -48,7 +48,7 @@ def local_ray(ray_token):
 @pytest.fixture(scope="session")
 def sim_cohort(tmp_path_factory):
     """Four tiny simulated subjects and their manifest.parquet (sub-001 is the seed)."""
-    from refine_more.simulate import SimulationConfig, simulate_cohort
+    from refine_more.evaluation.simulate import SimulationConfig, simulate_cohort
     out = tmp_path_factory.mktemp("sim")
     manifest = simulate_cohort(out, N_SUBJECTS, SimulationConfig(matrix=SIM_MATRIX, n_coils=4), seed=0,
                                progress=False)

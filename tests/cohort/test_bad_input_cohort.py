@@ -10,7 +10,7 @@ import pytest
 
 from cohort.console import main
 from cohort.manifest import ManifestError, read_manifest, validate_entries
-from refine_more.subject import validate_subject_file
+from refine_more.files.subject import validate_subject_file
 
 
 def _one_error_line(capsys, *needles):

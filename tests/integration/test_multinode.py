@@ -116,7 +116,7 @@ def two_nodes(ray_token):
 
 
 def test_cohort_across_two_nodes_survives_losing_one(two_nodes, tmp_path):
-    from refine_more.simulate import SimulationConfig, simulate_cohort
+    from refine_more.evaluation.simulate import SimulationConfig, simulate_cohort
 
     from conftest import SIM_MATRIX
     manifest = simulate_cohort(tmp_path / "data", N, SimulationConfig(matrix=SIM_MATRIX, n_coils=4), seed=1,

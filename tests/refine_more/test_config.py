@@ -11,7 +11,7 @@ import pytest
 from refine_more import config as config_module
 from refine_more.config import (PRESETS, AdaptConfig, INRConfig, ReconConfig, UnrollConfig, apply_overrides,
                                 load_config, preset)
-from refine_more.encoding import HashEncodingConfig
+from refine_more.networks.encoding import HashEncodingConfig
 
 
 @pytest.mark.parametrize("key, value, match", [

@@ -1,0 +1,299 @@
+"""`reconstruct(subject, config)`: REFINE-MORE for one subject (from scratch or adapted), paper Fig. 1:
+
+    setup (physics.ScanPhysics, objective.RefinementObjective, the INR and the unrolled refinement)
+    → stage 1: train the INR (loss 1 + loss 2, losses.py)
+    → stage 2: train the refinement (loss 3), on all acquired k-space or self-supervised (ssdu.py)
+    → the final maps.
+
+With a `SeedState`, hash 1, MLP1 and MLP2 come from the seed and stay frozen, the spatial hashes
+are trained for this subject and the U-Net is adapted through LoRA (adaptation.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from refine_more.reconstruction.classical import classical_minimum
+from refine_more.config import ReconConfig
+from refine_more.config.checks import check_subject
+from refine_more.networks.inr import INR
+from refine_more.reconstruction.losses import inr_losses, inr_losses_chunked
+from refine_more.evaluation.metrics import score_maps
+from refine_more.files.names import SCORED_MAPS
+from refine_more.reconstruction.objective import RefinementObjective
+from refine_more.reconstruction.optimizer import adam
+from refine_more.physics.scan import ScanPhysics, resolve_device
+from refine_more.reconstruction.ssdu import train_self_supervised
+from refine_more.reconstruction.unrolled import UnrolledPGD
+
+
+UNET_SLICE_CHUNK = 8   # slices per checkpointed U-Net chunk with `image_chunk` (unrolled.UnrolledPGD.prox)
+
+
+@dataclass
+class Result:
+    subject_id: str
+    method: str                      # "refine-more" | "refine-more-adapted"
+    maps: dict                       # name → (Z, Y, X) float32, 0 outside the tissue mask (incl. "k")
+    maps_init: dict                  # the INR's initial maps Q⁽⁰⁾ of the final model (the "INR-only" ablation)
+    images: np.ndarray               # W⁽⁰⁾ complex64 (T, Z, Y, X), in the units of the k-space
+    tissue_mask: np.ndarray
+    history: list                    # one dict per logged iteration: stage, iteration, seconds, losses, nRMSE
+    timings: dict                    # seconds: setup, stage1, stage2 (of it: warm_start), total
+    iterations: dict                 # stage1, stage2 actually run
+    config_hash: str
+    device: str
+    trainable_parameters: dict = field(default_factory=dict)
+    b1_source: str = "file"          # "file" | "bloch-siegert" (estimated from the data) | "unity"
+    state: object = None             # the models, for building a SeedState (not serialised)
+
+    def final_losses(self) -> dict:
+        return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
+
+
+def plateaued(values, patience: int, rel: float) -> bool:
+    """The stopping rule of adapted runs: the last `patience` values are none of them lower than
+    (1 − rel) × the best before them (never from a reference: only the run's own losses)."""
+    if patience <= 0 or len(values) <= patience:
+        return False
+    best_before = min(values[:-patience])
+    return min(values[-patience:]) > best_before * (1 - rel)
+
+
+@dataclass
+class ReconRun:
+    """One reconstruction's state between its steps (`reconstruct`)."""
+    subject: object
+    config: ReconConfig
+    physics: ScanPhysics
+    objective: RefinementObjective
+    inr: INR
+    unrolled: UnrolledPGD
+    method: str
+    schedule: dict                   # n1, n2, patience, lr1, lr2
+    params: dict                     # stage1, stage2: trainable parameters
+    reference: dict
+    t_start: float
+    history: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    done: dict = field(default_factory=dict)
+    bar: object = None
+
+    @property
+    def chunk(self) -> int:
+        T = self.subject.n_images
+        return self.config.image_chunk if 0 < self.config.image_chunk < T else 0
+
+    def log(self, stage, it, n, losses, channels, init_channels=None):
+        if it % self.config.log_every and it != n - 1:
+            return
+        entry = {"stage": stage, "iteration": it, "seconds": time.perf_counter() - self.t_start,
+                 **{k: float(v.detach()) for k, v in losses.items()}}
+        if not all(np.isfinite(v) for k, v in entry.items() if k.startswith("loss")):
+            raise FloatingPointError(f"{self.subject.subject_id}: non-finite loss at stage {stage} iteration {it}: {entry}")
+        if self.reference:
+            entry.update(self._score(channels, "nrmse_"))
+            if init_channels is not None:  # the INR's own maps Q⁽⁰⁾ as stage 2 trains them
+                entry.update(self._score(init_channels, "nrmse_init_"))
+        self.history.append(entry)
+
+    def _score(self, channels, prefix) -> dict:
+        scores = score_maps(self.physics.physical_maps(channels), self.reference, self.physics.tissue_np,
+                            params=SCORED_MAPS, with_ssim=False)
+        return {prefix + p: s["nrmse"] for p, s in scores.items()}
+
+    def inr_state(self, backward: bool):
+        """(W, Q⁽⁰⁾ channels, loss 1, loss 2) of the INR, gradients accumulated with `backward`."""
+        prob, tv = self.physics, self.config.tv_weight
+        if self.chunk:
+            return inr_losses_chunked(self.inr, prob, tv, self.chunk, backward=backward)
+        if not backward:
+            with torch.no_grad():
+                return inr_losses(self.inr, prob, tv)
+        W, c0, loss1, loss2 = inr_losses(self.inr, prob, tv)
+        (loss1 + loss2).backward()
+        return W, c0, loss1, loss2
+
+
+def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True, progress_desc=None) -> ReconRun:
+    """The physics, the objective and the models of one reconstruction, scratch or adapted."""
+    from refine_more.reconstruction.adaptation import prepare_adapted_models
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    t_start = time.perf_counter()
+    check_subject(subject, config)     # one line naming the file, not a ZeroDivisionError deep inside
+    prob = ScanPhysics(subject, config, device)
+    inr = INR(subject.n_images, subject.shape, config.inr, seed=config.seed).to(device)
+    unrolled = UnrolledPGD(config.unroll).to(device)
+    if seed_state is None:
+        inr.set_map_bias(prob.scaling.initial_raw().to(device))
+        method = "refine-more"
+        schedule = dict(n1=config.iters_stage1, n2=config.iters_stage2, patience=0, lr1=config.lr, lr2=config.lr)
+        stage1 = list(inr.parameters())
+        stage2 = list(inr.parameters()) + list(unrolled.parameters())
+    else:
+        method = "refine-more-adapted"
+        stage1, stage2 = prepare_adapted_models(seed_state, config, inr, unrolled)
+        a = config.adapt
+        schedule = dict(n1=a.iters_stage1, n2=a.iters_stage2, patience=a.plateau_patience, lr1=a.lr, lr2=a.lr_stage2)
+    reference = subject.reference if (track_reference and subject.reference) else {}
+    chunk = config.image_chunk if 0 < config.image_chunk < subject.n_images else 0
+    unrolled.slice_chunk = UNET_SLICE_CHUNK if chunk else 0      # memory: the same result
+    objective = RefinementObjective(prob, config.unroll, image_chunk=chunk)
+    run = ReconRun(subject=subject, config=config, physics=prob, objective=objective,
+                   inr=inr, unrolled=unrolled, method=method, schedule=schedule,
+                   params={"stage1": stage1, "stage2": stage2}, reference=reference, t_start=t_start)
+    run.timings["setup"] = time.perf_counter() - t_start
+    run.bar = tqdm(total=schedule["n1"] + schedule["n2"], desc=progress_desc or subject.subject_id,
+                   disable=not config.progress, leave=False)
+    return run
+
+
+def train_inr(run: ReconRun) -> None:
+    """Stage 1: the INR alone, loss 1 + loss 2 (adapted runs stop on a plateau of that loss)."""
+    s = run.schedule
+    opt = adam(run.params["stage1"], s["lr1"])
+    totals, it = [], -1
+    for it in range(s["n1"]):
+        opt.zero_grad(set_to_none=True)
+        _, c0, loss1, loss2 = run.inr_state(backward=True)
+        total = loss1 + loss2
+        opt.step()
+        totals.append(total.item())
+        run.log(1, it, s["n1"], {"loss1": loss1, "loss2": loss2, "loss": total}, c0)
+        run.bar.update(1)
+        run.bar.set_postfix(stage=1, l1=f"{loss1.item():.3g}", l2=f"{loss2.item():.3g}")
+        if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
+            break
+    run.done["stage1"] = it + 1
+    run.timings["stage1"] = time.perf_counter() - run.t_start - run.timings["setup"]
+
+
+def train_refinement(run: ReconRun) -> torch.Tensor:
+    """Stage 2 (loss 3); returns the final map channels."""
+    t2 = time.perf_counter()
+    cfg = run.config.unroll
+    if cfg.training == "self-supervised" and cfg.warm_start_steps and run.schedule["n2"]:
+        final = train_self_supervised(run)
+    elif cfg.warm_start_steps:
+        final = _train_on_warm_start(run)
+    else:
+        final = _train_jointly(run)
+    run.timings["stage2"] = time.perf_counter() - t2
+    run.timings.setdefault("warm_start", 0.0)
+    return final
+
+
+def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
+    """With a warm start, stage 2 trains the refinement alone on the warm start of the stage-1 INR,
+    computed once; the INR stays as stage 1 left it (docs/decisions/003)."""
+    s, term, prob = run.schedule, run.objective, run.physics
+    ids = {id(p) for p in run.unrolled.parameters()}
+    params = [p for p in run.params["stage2"] if id(p) in ids]
+    run.params["stage2"] = params
+    start = None
+    t = time.perf_counter()
+    W, c0, loss1, loss2 = run.inr_state(backward=False)
+    if s["n2"]:
+        start = classical_minimum(run, inr_state=(W, c0))
+        run.timings["warm_start"] = time.perf_counter() - t
+    opt = adam(params, s["lr2"])
+    totals, it = [], -1
+    for it in range(s["n2"]):
+        opt.zero_grad(set_to_none=True)
+        outs = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)
+        loss3 = sum(term.value(c, z) for c, z in outs)
+        if loss3.requires_grad:
+            loss3.backward()
+        opt.step()
+        totals.append(loss3.item())
+        run.log(2, it, s["n2"], {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": loss1 + loss2 + loss3},
+                outs[-1][0], c0)
+        run.bar.update(1)
+        run.bar.set_postfix(stage=2, l3=f"{loss3.item():.4g}")
+        if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
+            break
+    run.done["stage2"] = it + 1
+    if start is None:
+        return c0
+    with torch.no_grad():
+        return run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1][0]
+
+
+def _train_jointly(run: ReconRun) -> torch.Tensor:
+    """Without a warm start (the paper): loss 1 + 2 + 3 jointly over the INR and the refinement."""
+    s, term, prob, inr = run.schedule, run.objective, run.physics, run.inr
+    opt = adam(run.params["stage2"], s["lr2"])
+    totals, it = [], -1
+    for it in range(s["n2"]):
+        opt.zero_grad(set_to_none=True)
+        if run.chunk:  # loss 1 + 2 backpropagated chunk by chunk; loss 3 through fresh maps
+            W, _, loss1, loss2 = run.inr_state(backward=True)
+            c0 = checkpoint(inr.map_channels, use_reentrant=False)   # MLP2 recomputed in backward (memory)
+        else:
+            W, c0, loss1, loss2 = inr_losses(inr, prob, run.config.tv_weight)
+        outs = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
+        loss3 = sum(term.value(c, z) for c, z in outs)
+        total = loss1 + loss2 + loss3
+        total.backward()
+        opt.step()
+        totals.append(total.item())
+        run.log(2, it, s["n2"], {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}, outs[-1][0], c0)
+        run.bar.update(1)
+        run.bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")
+        if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
+            break
+    run.done["stage2"] = it + 1
+    with torch.no_grad():
+        W = inr.images(run.chunk)
+        c0 = inr.map_channels()
+        if not s["n2"]:
+            return c0
+        return run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
+
+
+def finish(run: ReconRun, final: torch.Tensor) -> Result:
+    """The Result: physical maps of the final and the INR's channels, images, timings."""
+    run.bar.close()
+    prob = run.physics
+    with torch.no_grad():
+        W = run.inr.images(run.chunk)
+        c0 = run.inr.map_channels()
+    run.timings["total"] = time.perf_counter() - run.t_start
+    maps, maps_init = prob.physical_maps(final), prob.physical_maps(c0)
+    for m in (maps, maps_init):
+        if not all(np.isfinite(v).all() for v in m.values()):
+            raise FloatingPointError(f"{run.subject.subject_id}: non-finite maps")
+    trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
+    return Result(
+        subject_id=run.subject.subject_id, method=run.method, maps=maps, maps_init=maps_init,
+        images=(W * prob.data_scale).cpu().numpy().astype(np.complex64), tissue_mask=prob.tissue_np,
+        history=run.history, timings=run.timings,
+        iterations={"stage1": run.done.get("stage1", 0), "stage2": run.done.get("stage2", 0)},
+        config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
+        b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
+                                         "data_scale": prob.data_scale},
+    )
+
+
+def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, track_reference: bool = True,
+                progress_desc: str | None = None) -> Result:
+    """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4)."""
+    run = setup(subject, config or ReconConfig(), seed_state, track_reference=track_reference,
+                progress_desc=progress_desc)
+    train_inr(run)
+    final = train_refinement(run)
+    return finish(run, final)
+
+
+def score_result(result: Result, reference: dict) -> dict:
+    """nRMSE/SSIM per map of the final and the INR-only maps (needs `reference`)."""
+    return {"refine-more": score_maps(result.maps, reference, result.tissue_mask),
+            "inr-only": score_maps(result.maps_init, reference, result.tissue_mask)}
