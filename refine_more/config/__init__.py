@@ -178,6 +178,12 @@ class ReconConfig:
     """The unrolled refinement."""
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     """Rapid adaptation from a seed (LoRA and fresh spatial hashes)."""
+    coil_compression: float = 0.0
+    """Fraction of the k-space energy that SVD-compressed virtual coils keep (e.g. 0.99: BART's `cc -S`;
+    physics/coil_compression.py); every A and Aᴴ then costs n_virtual/n_coils; 0: the acquired coils."""
+    stage1_images: int = 0
+    """Images per stage-1 iteration: losses 1 and 2 on a random subset of this many images, each term
+    scaled to the whole stack (the public code uses one); 0: all images every iteration."""
     image_chunk: int = 0
     """Images per chunk in the INR's losses (1 + 2), for memory at full size: MLP1's activations and A's
     coil images exist for one chunk at a time (losses.inr_losses_chunked); 0: all at once. Same result

@@ -30,7 +30,9 @@ def _fraction():
 #: dotted key -> (test, what it must be); keys absent from a config are skipped
 RANGES = {
     "seed": _int_at_least(0), "lr": _positive(), "iters_stage1": _int_at_least(1),
-    "iters_stage2": _int_at_least(0), "tv_weight": _non_negative(), "log_every": _int_at_least(1),
+    "iters_stage2": _int_at_least(0), "stage1_images": _int_at_least(0),
+    "coil_compression": (lambda v: math.isfinite(v) and 0 <= v <= 1, "0 (off) or a fraction in (0, 1]"),
+    "tv_weight": _non_negative(), "log_every": _int_at_least(1),
     "inr.mlp_hidden": _int_at_least(1), "inr.mlp_layers": _int_at_least(1),
     "inr.time_input_dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
     "unroll.unet_out_kernel": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),

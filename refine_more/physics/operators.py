@@ -47,6 +47,12 @@ def centring_modulation(shape, device=None, dtype=torch.float32):
     return D, c
 
 
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """Σ|x|² of a complex (or real) tensor, differentiable: on the real and imaginary parts, one
+    product per element instead of |x| (a hypot) then its square (k-space sized, every iteration)."""
+    return (torch.view_as_real(x) if x.is_complex() else x).square().sum()
+
+
 class MultiCoilCartesian:
     """A: (T, Z, Y, X) complex images → (T, C, Z, Y, X) sampled k-space.
 
@@ -105,6 +111,14 @@ class MultiCoilCartesian:
         sub.coil_sens, sub.mask, sub.n_images = self.coil_sens, self.mask[t0:t1], t1 - t0
         sub._coils_mod = self._coils_mod
         sub._mask_mod = None if self._mask_mod is None else self._mask_mod[t0:t1]
+        return sub
+
+    def images_at(self, index: torch.Tensor) -> "MultiCoilCartesian":
+        """A for the images `index` (a 1-D index tensor, in that order) alone, the same coil maps."""
+        sub = MultiCoilCartesian.__new__(MultiCoilCartesian)
+        sub.coil_sens, sub.mask, sub.n_images = self.coil_sens, self.mask[index], int(index.numel())
+        sub._coils_mod = self._coils_mod
+        sub._mask_mod = None if self._mask_mod is None else self._mask_mod[index]
         return sub
 
     def normal(self, images: torch.Tensor) -> torch.Tensor:

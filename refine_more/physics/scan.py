@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from refine_more.config import ReconConfig
+from refine_more.physics.coil_compression import svd_compression
 from refine_more.physics.image_phase import PhaseModel
 from refine_more.physics.scaling import MapScaling
-from refine_more.physics.operators import MultiCoilCartesian, zero_filled_images
+from refine_more.physics.operators import MultiCoilCartesian, squared_norm, zero_filled_images
 from refine_more.physics.signal_model import BTSModel
 
 
@@ -38,15 +39,20 @@ class ScanPhysics:
 
         self.subject = subject
         coils_np = np.ascontiguousarray(coil_maps_for(subject))
-        coils = torch.from_numpy(coils_np).to(device)
-        mask = torch.from_numpy(np.asarray(subject.mask, dtype=bool)).to(device)
-        self.A = MultiCoilCartesian(coils, mask)
         tissue = subject.tissue_mask if subject.tissue_mask is not None else derive_tissue_mask(subject)
         self.tissue_np = np.asarray(tissue, dtype=bool)
         self.tissue = torch.from_numpy(self.tissue_np).to(device)
-        b1, self.b1_source = b1_for(subject, coils_np, self.tissue_np)
+        b1, self.b1_source = b1_for(subject, coils_np, self.tissue_np)   # from the acquired coils
         self.b1 = torch.from_numpy(b1).to(device)
-        kspace = torch.from_numpy(np.ascontiguousarray(subject.kspace)).to(device)
+        kspace_np, self.coil_compression = subject.kspace, None
+        if config.coil_compression:
+            self.coil_compression = svd_compression(kspace_np, config.coil_compression, mask=subject.mask)
+            kspace_np = self.coil_compression.kspace(kspace_np)
+            coils_np = self.coil_compression.coil_maps(coils_np)
+        coils = torch.from_numpy(np.ascontiguousarray(coils_np)).to(device)
+        mask = torch.from_numpy(np.asarray(subject.mask, dtype=bool)).to(device)
+        self.A = MultiCoilCartesian(coils, mask)
+        kspace = torch.from_numpy(np.ascontiguousarray(kspace_np)).to(device)
         zf = zero_filled_images(kspace, coils)
         # one number makes the data O(1): the 99th percentile of the zero-filled magnitude in tissue
         self.data_scale = float(torch.quantile(zf.abs().amax(0)[self.tissue].float(), 0.99)) or 1.0
@@ -80,6 +86,10 @@ class ScanPhysics:
         sub._normal_diag = mask.float().mean(dim=(1, 2)).view(-1, 1, 1, 1) * self._coil_energy
         return sub
 
+    def data_consistency_of(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """‖A x − d‖²/‖d‖² of the images `index` (a 1-D index tensor) alone: their share of the whole."""
+        return squared_norm(self.A.images_at(index)(images) - self.kspace[index]) / self.kspace_energy
+
     def data_consistency(self, images: torch.Tensor, t0: int = 0) -> torch.Tensor:
         """||A x − d||² / ||d||². With fewer images than the subject has: images t0, t0 + 1, …, and
         their share of the whole (the terms of different images add up)."""
@@ -88,12 +98,19 @@ class ScanPhysics:
             A, d = self.A, self.kspace
         else:
             A, d = self.A.images_subset(t0, t1), self.kspace[t0:t1]
-        return (A(images) - d).abs().pow(2).sum() / self.kspace_energy
+        return squared_norm(A(images) - d) / self.kspace_energy
 
     def signal(self, channels: torch.Tensor) -> torch.Tensor:
         """S(Q): magnitudes (T, Z, Y, X) of the maps in normalised channels (4, Z, Y, X)."""
         q = self.scaling.to_physical(channels)
-        return self.model.magnitude_k(q["I0"], q["T1F"], q["f"], q["k"], self.b1) * self.tissue
+        return self._prepared_model(channels.dtype).magnitude_k(q["I0"], q["T1F"], q["f"], q["k"]) * self.tissue
+
+    def _prepared_model(self, dtype):
+        """The signal model for this subject's B1+ map in `dtype` (built once per dtype)."""
+        cache = self.__dict__.setdefault("_prepared", {})
+        if dtype not in cache:
+            cache[dtype] = self.model.prepare(self.b1, dtype)
+        return cache[dtype]
 
     def physics_consistency(self, channels: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
         """g(Q, φ₀) = ||A(S(Q)·e^{i(φ₀+φ_BS)}) − d||² / ||d||² (loss 3 for one phase; with a map

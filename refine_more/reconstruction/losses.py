@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from refine_more.physics.operators import squared_norm
 from refine_more.physics.scan import ScanPhysics
 
 
@@ -29,6 +30,23 @@ def inr_losses(inr, prob: ScanPhysics, tv_weight: float):
     loss1 = prob.data_consistency(W) + tv_weight * total_variation(W)
     mag = W.abs() * prob.tissue
     loss2 = (mag - prob.signal(c0)).pow(2).sum() / (mag.pow(2).sum().detach() + 1e-12)
+    return W, c0, loss1, loss2
+
+
+def inr_losses_sampled(inr, prob: ScanPhysics, tv_weight: float, index: torch.Tensor):
+    """`inr_losses` on the images `index` alone (a 1-D index tensor), each term an estimate of the
+    whole stack's: loss 1's data and TV terms of different images add up, so their sum is scaled by
+    T/len(index); loss 2 is relative to the chosen images' energy. MLP1 and A then cost
+    len(index)/T of a full iteration (the public code's loss 1 uses one random image per iteration).
+    Returns (W of those images, Q⁽⁰⁾ channels, loss 1, loss 2)."""
+    T = inr.n_images
+    h_space, h_time = inr.image_features()
+    W = inr.images_from(h_space, h_time[index])
+    c0 = inr.map_channels()
+    scale = T / index.numel()
+    loss1 = scale * (prob.data_consistency_of(W, index) + tv_weight * total_variation(W, n_images=T))
+    mag = W.abs() * prob.tissue
+    loss2 = (mag - prob.signal(c0)[index]).pow(2).sum() / (mag.pow(2).sum().detach() + 1e-12)
     return W, c0, loss1, loss2
 
 
@@ -96,7 +114,7 @@ class _DataConsistencyChunked(torch.autograd.Function):
             t1 = min(T, t0 + chunk)
             Ac = A.images_subset(t0, t1) if (t0, t1) != (0, T) else A
             r = Ac(x[t0:t1]) - d[t0:t1]
-            value += r.abs().pow(2).sum()
+            value += squared_norm(r)
             if with_grad:
                 grad[t0:t1] = Ac.adjoint(r) * (2.0 / energy)
             del r

@@ -22,7 +22,7 @@ from refine_more.reconstruction.classical import classical_minimum
 from refine_more.config import ReconConfig
 from refine_more.config.checks import check_subject
 from refine_more.networks.inr import INR
-from refine_more.reconstruction.losses import inr_losses, inr_losses_chunked
+from refine_more.reconstruction.losses import inr_losses, inr_losses_chunked, inr_losses_sampled
 from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import SCORED_MAPS
 from refine_more.reconstruction.objective import RefinementObjective
@@ -107,6 +107,18 @@ class ReconRun:
                             params=SCORED_MAPS, with_ssim=False)
         return {prefix + p: s["nrmse"] for p, s in scores.items()}
 
+    def stage1_losses(self, generator: torch.Generator):
+        """One stage-1 iteration's (Q⁽⁰⁾ channels, loss 1, loss 2), gradients accumulated: on all
+        images, or on `stage1_images` of them drawn at random (`losses.inr_losses_sampled`)."""
+        k = self.config.stage1_images
+        if not 0 < k < self.subject.n_images:
+            return self.inr_state(backward=True)[1:]
+        index = torch.randperm(self.subject.n_images, generator=generator)[:k].sort().values
+        _, c0, loss1, loss2 = inr_losses_sampled(self.inr, self.physics, self.config.tv_weight,
+                                                 index.to(self.physics.tissue.device))
+        (loss1 + loss2).backward()
+        return c0.detach(), loss1.detach(), loss2.detach()
+
     def inr_state(self, backward: bool):
         """(W, Q⁽⁰⁾ channels, loss 1, loss 2) of the INR, gradients accumulated with `backward`."""
         prob, tv = self.physics, self.config.tv_weight
@@ -161,9 +173,10 @@ def train_inr(run: ReconRun) -> None:
     s = run.schedule
     opt = adam(run.params["stage1"], s["lr1"])
     totals, it = [], -1
+    images = torch.Generator().manual_seed(run.config.seed)      # the subsets of `stage1_images`
     for it in range(s["n1"]):
         opt.zero_grad(set_to_none=True)
-        _, c0, loss1, loss2 = run.inr_state(backward=True)
+        c0, loss1, loss2 = run.stage1_losses(images)
         total = loss1 + loss2
         opt.step()
         totals.append(total.item())

@@ -53,8 +53,8 @@ def refine_from_zero_filled(subject, config, *, track_reference: bool = True) ->
     """Stage 2 of `config` from the zero-filled fit (no INR); Result.maps_init is that fit."""
     run = setup(subject, config, track_reference=track_reference)
     prob, device = run.physics, run.physics.tissue.device
-    zf = zero_filled_images(torch.from_numpy(np.ascontiguousarray(subject.kspace)).to(device),
-                            prob.A.coil_sens).cpu()                 # the coils the physics uses (ESPIRiT if estimated)
+    zf = zero_filled_images(prob.kspace * prob.data_scale,      # the k-space and coils the physics uses
+                            prob.A.coil_sens).cpu()                 # (ESPIRiT if estimated, virtual if compressed)
     maps = fit_images(zf.numpy(), subject.protocol, subject.b1, prob.tissue_np, k_band=config.k_band)
     channels = channels_from_maps(prob, maps).to(device)
     run.inr = FixedStart((zf / prob.data_scale).to(device=device, dtype=torch.complex64), channels)

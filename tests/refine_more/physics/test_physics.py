@@ -124,3 +124,42 @@ def test_protocol_attrs_round_trip(protocol):
     assert Protocol.from_attrs(protocol.to_attrs()) == protocol
     with pytest.raises(ValueError, match="one entry per image"):
         Protocol(flip_angles_deg=(5, 10), saturation=(0,), TR_s=0.04)
+
+
+def test_prepared_model_is_the_model_for_its_b1(protocol):
+    """The refinement's S(Q) with its b1 factors computed once (PreparedBTS) equals magnitude_k,
+    values and gradients, for a single TR and for a TR per image."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(4)
+    n = 50
+    b1 = 0.85 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    for proto in (protocol, dataclasses.replace(protocol, TR_s=tuple(0.03 + 0.005 * i for i in range(protocol.n_images)))):
+        model = BTSModel(proto)
+        params = [(0.5 + torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(),
+                  (0.5 + torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(),
+                  (0.05 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(),
+                  (20 + 6 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()]
+        prepared = model.prepare(b1, torch.float64)
+        a = prepared.magnitude_k(*params)
+        ga = torch.autograd.grad(a.sum(), params)
+        # reference: the per-image steady state solved as a 2×2 linear system (module docstring)
+        c = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in proto.constants().items()}
+        I0, T1F, f, k = params
+        ref = []
+        for t in range(proto.n_images):
+            TR, alpha = c["TR_s"][t], c["alpha_rad"][t] * b1
+            E_W0 = torch.exp(-c["W0"][t] * b1 ** 2 * c["tau_exc_s"])
+            E_W = torch.exp(-c["W_sat"] * b1 ** 2 * c["tau_sat_s"]) if c["saturation"][t] > 0 else torch.ones_like(b1)
+            E1F, E1R, Ek = torch.exp(-TR / T1F), torch.exp(-TR / c["T1R_s"]), torch.exp(-k * TR)
+            X = torch.stack([torch.stack([1 - f + f * Ek, (1 - f) * (1 - Ek)], -1),
+                             torch.stack([f - f * Ek, f + Ek - f * Ek], -1)], -2)            # (n, 2, 2)
+            D = torch.diag_embed(torch.stack([E1F * torch.cos(alpha), E1R * E_W0 * E_W], -1))
+            r = torch.stack([(1 - E1F) * (1 - f), (1 - E1R) * f], -1)[..., None]
+            m = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - X @ D, X @ r)[..., 0, 0]
+            ref.append(I0 * torch.sin(alpha) * m)
+        ref = torch.stack(ref)
+        gr = torch.autograd.grad(ref.sum(), params)
+        assert torch.allclose(a, ref, rtol=1e-10, atol=1e-12)
+        assert all(torch.allclose(x, y, rtol=1e-8, atol=1e-12) for x, y in zip(ga, gr))
+        assert torch.allclose(model.magnitude_k(*params, b1), a)
