@@ -51,8 +51,9 @@ def nice_ticks(lo: float, hi: float, log: bool = False) -> list:
     raw = (hi - lo) / 5
     mag = 10.0 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step + 1e-9)) + 1)]
+    start = math.floor(lo / step + 1e-9) * step
+    n = int(math.ceil((hi - start) / step - 1e-9))
+    return [round(start + i * step, 12) for i in range(n + 1)]
 
 
 class _Frame:
