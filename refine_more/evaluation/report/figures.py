@@ -38,7 +38,6 @@ def windows(maps: dict, reference: dict, tissue) -> dict:
             out[name] = (0.0, 1.0)
             continue
         lo, hi = (float(v) for v in np.percentile(vals, [1, 99]))
-        lo = 0.0 if name == "I0" else lo
         out[name] = (lo, hi if hi > lo else lo + (abs(lo) or 1.0))
     return out
 
