@@ -3,8 +3,9 @@ physics is at hand, so that no report has to read the k-space again. Cheap: one 
 per image and a voxel-wise fit of one slice.
 
 - the data residual per image: ‖A x_t − d_t‖ / ‖d_t‖ for the model images of the final maps,
-  x_t = S_t(Q)·e^{iφ_t}, with the phase estimated from the INR's images as the refinement starts
-  from it (loss 3 of one phase), and for the INR's images W⁽⁰⁾ themselves (loss 1); and the
+  x_t = S_t(Q)·e^{iφ_t} with the refinement's final phase (loss 3 image by image; without a
+  refinement, the phase estimated from the INR's images), and for the INR's images W⁽⁰⁾
+  themselves (loss 1); and the
   coil-combined residual |Aᴴ(A x_t − d_t)| of the central slice, relative to the 99th percentile
   of the zero-filled image |Aᴴ d| in tissue there;
 - the zero-filled fit of the central slice (refine_more/baselines/fitting.py), a sanity anchor;
@@ -30,10 +31,11 @@ def _norm(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _residuals(prob, final: torch.Tensor, W: torch.Tensor, z: int) -> tuple:
-    """Per image: relative residual of the maps' model images and of the INR's images, the
-    coil-combined residual (central slice) and the zero-filled image (central slice, complex)."""
-    x = torch.polar(prob.signal(final), prob.image_phase(prob.background_phase(W)))
+def _residuals(prob, final: torch.Tensor, W: torch.Tensor, z: int, phase=None) -> tuple:
+    """Per image: relative residual of the maps' model images (``phase``: the refinement's final
+    nuisance; None: estimated from W) and of the INR's images, the coil-combined residual (central
+    slice) and the zero-filled image (central slice, complex)."""
+    x = torch.polar(prob.signal(final), prob.image_phase(prob.background_phase(W) if phase is None else phase))
     A, d = prob.A, prob.kspace
     coil_energy = (A.coil_sens.abs() ** 2).sum(0)[z]
     rel_maps, rel_inr, res, zf = [], [], [], []
@@ -104,7 +106,8 @@ def compute(run, final: torch.Tensor, W: torch.Tensor, maps: dict) -> dict:
     t0 = time.perf_counter()
     prob, subject = run.physics, run.subject
     z = int(prob.tissue.shape[0] // 2)
-    rel_maps, rel_inr, res, zf = _residuals(prob, final, W, z)
+    phase = run.final_phase
+    rel_maps, rel_inr, res, zf = _residuals(prob, final, W, z, phase)
     t1 = time.perf_counter()
     zf_fit = _zero_filled_fit(prob, zf, z, run.config.k_band)
     t2 = time.perf_counter()
@@ -116,7 +119,8 @@ def compute(run, final: torch.Tensor, W: torch.Tensor, maps: dict) -> dict:
         "b1_source": prob.b1_source, "coil_maps": "file" if subject.coil_sens is not None else "ESPIRiT",
         "protocol": _protocol(subject.protocol),
         "residual": {"maps": rel_maps, "inr": rel_inr,
-                     "phase": "estimated from the INR images (the refinement's start)"},
+                     "phase": "the refinement's final phase" if phase is not None
+                     else "estimated from the INR images (no refinement ran)"},
     }
     arrays = {"residual": res, "tissue": tissue_slice.astype(np.uint8),
               **{f"zf_{k}": v for k, v in zf_fit.items()}}

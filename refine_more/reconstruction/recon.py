@@ -85,6 +85,7 @@ class ReconRun:
     timings: dict = field(default_factory=dict)
     done: dict = field(default_factory=dict)
     bar: object = None
+    final_phase: object = None       # the refinement's last nuisance (φ₀, δ_t): the report's residual
 
     @property
     def chunk(self) -> int:
@@ -226,7 +227,8 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if start is None:
         return c0
     with torch.no_grad():
-        return run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1]
+        return final
 
 
 def _train_jointly(run: ReconRun) -> torch.Tensor:
@@ -258,7 +260,8 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
         c0 = inr.map_channels()
         if not s["n2"]:
             return c0
-        return run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1]
+        return final
 
 
 def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Result:
