@@ -238,7 +238,9 @@ def _write_reports(out_dir: Path, rows: list, summary: dict, log) -> Optional[st
 
     done = write_reports(out_dir, rows, summary, log=log)
     fresh = [r for r in rows if r.get("status") == "ok" and not r.get("resumed")]
-    total = lambda key: float(sum(r.get(key) or 0.0 for r in fresh if r.get(key) == r.get(key)))  # noqa: E731
+
+    def total(key: str) -> float:
+        return float(sum(r[key] for r in fresh if isinstance(r.get(key), float) and r[key] == r[key]))
     summary["report_seconds"] = {"cohort": done["seconds"], "subject_reports_in_tasks": total("report_s"),
                                  "diagnostics_in_tasks": total("diagnostics_s"),
                                  "subject_reports_rewritten": done["subject_reports"]}

@@ -80,10 +80,10 @@ def _report(odir: Path, row: dict, result) -> dict:
     the reconstruction (after its total)."""
     from refine_more.evaluation.report.subject import try_write_subject_report
 
+    row["diagnostics_s"] = result.timings.get("diagnostics")
     t0 = time.perf_counter()
     report = try_write_subject_report(odir, row, diagnostics=result.diagnostics)
-    return {"report_path": report, "report_s": time.perf_counter() - t0,
-            "diagnostics_s": result.timings.get("diagnostics")}
+    return {"report_path": report, "report_s": time.perf_counter() - t0}
 
 
 def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,

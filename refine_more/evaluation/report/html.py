@@ -1,5 +1,6 @@
-"""The machinery of the HTML reports: jinja2 templates (package data beside this module), figures
-embedded in the page (PNG as base64 ``data:`` URIs, SVG inline), number filters, atomic writes.
+"""The machinery of the HTML reports: jinja2 templates (package data beside this module), number
+filters, atomic writes. The figures (figures.py, svg.py) are embedded: PNG panels as base64
+``data:`` URIs, charts as inline SVG.
 
 A report is one self-contained file: no script, style sheet, font or image is fetched from
 anywhere, so it opens offline and can be mailed or logged as one MLflow artifact; the only links
@@ -50,13 +51,11 @@ def sort_key(v) -> str:
 def environment(*extra_dirs):
     """A jinja2 environment over ``extra_dirs`` then this package's templates (autoescaped)."""
     import jinja2
-    from markupsafe import Markup
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(d) for d in extra_dirs] + [str(TEMPLATES)]),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters.update(num=fmt_num, secs=fmt_s, sortkey=sort_key)
-    env.globals["Markup"] = Markup
     return env
 
 
