@@ -104,9 +104,25 @@ def _demo(args) -> int:
     if args.num_cpus:
         argv += ["--num-cpus", str(args.num_cpus)]
     rc = main(argv)
+    wall = time.perf_counter() - t0
     print(f"demo: {args.subjects} subjects, matrix {tuple(args.matrix)}, preset {args.preset}: "
-          f"{time.perf_counter() - t0:.0f} s wall; results in {out / 'recon'}")
+          f"{wall:.0f} s wall; results in {out / 'recon'}")
+    _print_report(out / "recon", wall)
     return rc
+
+
+def _print_report(recon: Path, wall: float) -> None:
+    """The cohort report's path and what writing reports cost against the demo's wall time."""
+    import json
+    try:
+        cost = json.loads((recon / "summary.json").read_text()).get("report_seconds") or {}
+    except (OSError, ValueError):
+        cost = {}
+    if (recon / "report.html").is_file():
+        in_tasks = cost.get("subject_reports_in_tasks", 0.0) + cost.get("diagnostics_in_tasks", 0.0)
+        print(f"cohort report: {(recon / 'report.html').resolve()}\n  reports cost {cost.get('cohort', 0.0):.1f} s "
+              f"in the driver + {in_tasks:.1f} s summed over the tasks (subject reports and their diagnostics), "
+              f"{100 * (cost.get('cohort', 0.0) + in_tasks) / wall:.1f} % of the demo's wall time at most")
 
 
 def add_commands(sub) -> None:

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "refine_more.describe",  # describe
     "refine_more.reconstruction.synthesis",  # synthesize
     "cohort.cli",           # cohort run, demo
+    "cohort.report",        # report (rebuild the HTML reports of a folder)
     "refine_more.files.interop.cli",  # import refine-more-mat|ismrmrd, export ismrmrd|bids
 )
 

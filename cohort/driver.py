@@ -199,15 +199,19 @@ class _Scheduler:
 
 def _finish(report: CohortReport, tracker, rows: list, out_dir: Path, mode: str, n_subjects: int,
             t_start: float, log) -> None:
-    """Results table, summary (printed and in summary.json), summary figure, the parent MLflow run."""
+    """Results table, summary (printed and in summary.json), summary figure, the reports (cohort
+    and any subject report missing or out of date), the parent MLflow run."""
     report.rows = rows_frame(rows).to_dict("records") if rows else []
     report.results_path = write_results(out_dir, rows) if rows else report.results_path
     summary_png = plots.summary_plot(out_dir / SUMMARY_PNG, rows, f"cohort {out_dir.name} ({mode})")
     report.wall_s = time.time() - t_start
     report.summary = summarize(rows)
     report.summary_text = format_summary(report.summary, n_subjects, report.wall_s)
-    write_json(out_dir / SUMMARY_FILE, {**report.summary, "n_subjects": n_subjects, "wall_s": report.wall_s,
-                                        "seed_subject": report.seed_subject, "seed_failures": report.seed_failures})
+    summary = {**report.summary, "n_subjects": n_subjects, "wall_s": report.wall_s,
+               "seed_subject": report.seed_subject, "seed_failures": report.seed_failures}
+    write_json(out_dir / SUMMARY_FILE, summary)
+    html = _write_reports(out_dir, report.rows, summary, log)
+    write_json(out_dir / SUMMARY_FILE, summary)      # with the reports' seconds
     fresh_ok = [r for r in rows if r["status"] == "ok" and not r.get("resumed")]
     tracker.finish_parent(
         metrics={"cohort_wall_s": report.wall_s,
@@ -218,12 +222,31 @@ def _finish(report: CohortReport, tracker, rows: list, out_dir: Path, mode: str,
                  "n_resumed": float(report.n_resumed), "n_reconstructed": float(report.n_reconstructed),
                  "reconstructions_ok": float(len(fresh_ok)),
                  **summary_metrics(report.summary)},   # NaN (not logged) without both modes
-        artifacts=[report.results_path, summary_png, str(out_dir / SUMMARY_FILE)],
+        artifacts=[report.results_path, summary_png, str(out_dir / SUMMARY_FILE), html],
         status="FINISHED")
     report.parent_run_id = tracker.parent_run_id
     log(report.summary_text)
     log(f"results: {report.results_path}" + (f"; MLflow run {tracker.parent_run_id} at {report.tracking_uri}"
                                              if tracker.parent_run_id else ""))
+
+
+def _write_reports(out_dir: Path, rows: list, summary: dict, log) -> Optional[str]:
+    """``DIR/report.html`` and the subject reports it links (cohort/report.py); records in
+    ``summary['report_seconds']`` what writing reports cost: the cohort's here, and the subject
+    reports and their diagnostics in this run's tasks (summed over tasks, which ran in parallel)."""
+    from .report import write_reports
+
+    done = write_reports(out_dir, rows, summary, log=log)
+    fresh = [r for r in rows if r.get("status") == "ok" and not r.get("resumed")]
+
+    def total(key: str) -> float:
+        return float(sum(r[key] for r in fresh if isinstance(r.get(key), float) and r[key] == r[key]))
+    summary["report_seconds"] = {"cohort": done["seconds"], "subject_reports_in_tasks": total("report_s"),
+                                 "diagnostics_in_tasks": total("diagnostics_s"),
+                                 "subject_reports_rewritten": done["subject_reports"]}
+    if done["path"]:
+        log(f"report: {done['path']}")
+    return done["path"]
 
 
 def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, progress: bool, log, external=None):

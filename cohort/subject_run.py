@@ -73,6 +73,19 @@ def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[s
     return {k: clean(v) for k, v in row.items()}
 
 
+def _report(odir: Path, row: dict, result) -> dict:
+    """The diagnostics beside the maps and ``report.html`` (refine_more/evaluation/report/), before
+    done.json; a report that cannot be written is logged and the subject goes on. Returns the row's
+    ``report_path`` (None then) and the seconds it cost: ``report_s`` here, ``diagnostics_s`` in
+    the reconstruction (after its total)."""
+    from refine_more.evaluation.report.subject import try_write_subject_report
+
+    row["diagnostics_s"] = result.timings.get("diagnostics")
+    t0 = time.perf_counter()
+    report = try_write_subject_report(odir, row, diagnostics=result.diagnostics)
+    return {"report_path": report, "report_s": time.perf_counter() - t0}
+
+
 def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
                         subject_id: Optional[str] = None, is_seed: bool = False,
                         seed_subject: Optional[str] = None, save_seed_state: bool = False,
@@ -95,7 +108,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     odir = subject_dir(out_dir, sid, mode)
     _fresh_dir(odir)
     result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
-                         track_reference=True, progress_desc=f"{sid}/{mode}")
+                         track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True)
     reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
     scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
     outputs = _write_outputs(odir, sid, mode, subject, result, config)
@@ -104,6 +117,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
         SeedState.from_result(result).save(odir / SEED_STATE_FILE)
     row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
                scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
+    row.update(_report(odir, row, result))
     write_json(odir / DONE, row)                   # LAST: marks it done
     row["history"] = outputs["history"]    # for the driver's MLflow logging; not stored in results.parquet
     return row, result
@@ -145,6 +159,7 @@ def warm_up(device: str = "cpu") -> dict:
     from refine_more.reconstruction import recon  # noqa: F401  (the reconstruction's import chain)
     from refine_more.reconstruction.optimizer import adam
     from refine_more.evaluation.plots import _plt
+    from refine_more.evaluation.report import subject  # noqa: F401  (jinja2, the report's figures)
 
     adam([torch.nn.Parameter(torch.zeros(1))], 1e-3)
     _plt()

@@ -6,7 +6,8 @@ machine; metrics: cohort wall time, subjects/hour, counts; artifacts: config.jso
 summary PNG, the seed state) and one nested child run per subject and mode, failed ones included
 (tag ``mlflow.parentRunId``; params: subject, mode, lora_rank, iterations; metrics: stage
 runtimes, loss curves with step = global iteration index, final nRMSE/SSIM; artifacts: montage
-PNG, loss PNG, maps.h5). A failed subject's child run has status FAILED and an ``error`` tag.
+PNG, loss PNG, report.html, maps.h5; the parent's hold the cohort's report.html). A failed
+subject's child run has status FAILED and an ``error`` tag.
 
 Resumed (subject, mode) results are not logged again: their rows keep the child run id (and
 tracking state) of the run that produced them, read from the previous ``results.parquet``.
@@ -164,6 +165,8 @@ class CohortTracker:
 
     def _artifacts(self, run_id, paths, artifact_path=None):
         for p in paths:
+            if not isinstance(p, (str, os.PathLike)):      # None, or NaN from a results.parquet row
+                continue
             if p and os.path.exists(p):
                 self.client.log_artifact(run_id, str(p), artifact_path)
             elif p:
@@ -316,7 +319,8 @@ class CohortTracker:
         self._batch(rid, metrics=metrics + curve,
                     params=self._params({k: v for k, v in params.items() if v is not None}))
         if row["status"] == "ok":
-            self._artifacts(rid, [row.get("montage_path"), row.get("loss_png_path"), row.get("history_path")])
+            self._artifacts(rid, [row.get("montage_path"), row.get("loss_png_path"), row.get("history_path"),
+                                  row.get("report_path")])
             self._artifacts(rid, [row.get("maps_path")], "maps")
         end = int(1000 * row["finished_at"]) if _finite(row.get("finished_at")) else None
         self.client.set_terminated(rid, status="FINISHED" if row["status"] == "ok" else "FAILED", end_time=end)

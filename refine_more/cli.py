@@ -154,7 +154,7 @@ def _recon(args):
         raise UsageError(str(exc)) from None
     check_out_dir(args.out)
     subject = read_subject(args.file)
-    result = reconstruct(subject, config)
+    result = reconstruct(subject, config, diagnostics=True)
     with _staged(Path(args.out)) as out:
         _write_recon(out, args, subject, config, result)
     if args.bids:
@@ -189,12 +189,14 @@ class _staged:
 
 
 def _write_recon(out: Path, args, subject, config, result) -> None:
-    """Maps, NIfTI, config.json, montage, loss curves, history and summary.json into ``out``."""
+    """Maps, NIfTI, config.json, montage, loss curves, history, the report's diagnostics,
+    summary.json and report.html (a report that cannot be written is a warning) into ``out``."""
     from refine_more.files.atomic import atomic_write_text
     from refine_more.files.maps_io import write_maps
     from refine_more.evaluation.metrics import score_maps
     from refine_more.files.names import MAP_NAMES
     from refine_more.evaluation.plots import loss_png, montage_png
+    from refine_more.evaluation.report.subject import try_write_subject_report
 
     write_maps(out, {k: result.maps[k] for k in MAP_NAMES}, result.tissue_mask,
                subject_id=subject.subject_id, method=result.method, config_hash=result.config_hash,
@@ -214,6 +216,8 @@ def _write_recon(out: Path, args, subject, config, result) -> None:
                              "inr-only": score_maps(result.maps_init, ref, result.tissue_mask)}
     atomic_write_text(out / "history.json", json.dumps(result.history))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    try_write_subject_report(out, json.loads(json.dumps(summary, default=float)), diagnostics=result.diagnostics,
+                             log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary, indent=1, default=float))
 
 

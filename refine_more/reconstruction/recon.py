@@ -11,6 +11,7 @@ are trained for this subject and the U-Net is adapted through LoRA (adaptation.p
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,7 @@ class Result:
     trainable_parameters: dict = field(default_factory=dict)
     b1_source: str = "file"          # "file" | "bloch-siegert" (estimated from the data) | "unity"
     state: object = None             # the models, for building a SeedState (not serialised)
+    diagnostics: dict = field(default_factory=dict)   # what a report shows beside the maps (diagnostics.py)
 
     def final_losses(self) -> dict:
         return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
@@ -83,6 +85,7 @@ class ReconRun:
     timings: dict = field(default_factory=dict)
     done: dict = field(default_factory=dict)
     bar: object = None
+    final_phase: object = None       # the refinement's last nuisance (φ₀, δ_t): the report's residual
 
     @property
     def chunk(self) -> int:
@@ -237,7 +240,8 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if start is None:
         return c0
     with torch.no_grad():
-        return run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1]
+        return final
 
 
 def _train_jointly(run: ReconRun) -> torch.Tensor:
@@ -269,11 +273,14 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
         c0 = inr.map_channels()
         if not s["n2"]:
             return c0
-        return run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1]
+        return final
 
 
-def finish(run: ReconRun, final: torch.Tensor) -> Result:
-    """The Result: physical maps of the final and the INR's channels, images, timings."""
+def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Result:
+    """The Result: physical maps of the final and the INR's channels, images, timings; with
+    ``diagnostics``, what a report shows beside the maps (its time in ``timings['diagnostics']``,
+    after ``total``; a failure there is a warning, never a failed reconstruction)."""
     run.bar.close()
     prob = run.physics
     with torch.no_grad():
@@ -285,6 +292,7 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
         if not all(np.isfinite(v).all() for v in m.values()):
             raise FloatingPointError(f"{run.subject.subject_id}: non-finite maps")
     trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
+    diag = _diagnostics(run, final, W, maps) if diagnostics else {}
     return Result(
         subject_id=run.subject.subject_id, method=run.method, maps=maps, maps_init=maps_init,
         images=(W * prob.data_scale).cpu().numpy().astype(np.complex64), tissue_mask=prob.tissue_np,
@@ -293,17 +301,32 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
         config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
         b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
                                          "data_scale": prob.data_scale},
+        diagnostics=diag,
     )
 
 
+def _diagnostics(run: ReconRun, final: torch.Tensor, W: torch.Tensor, maps: dict) -> dict:
+    from refine_more.reconstruction import diagnostics
+
+    t = time.perf_counter()
+    try:
+        return diagnostics.compute(run, final, W, maps)
+    except Exception as exc:      # a report's extras never cost a reconstruction
+        warnings.warn(f"{run.subject.subject_id}: report diagnostics not computed: {type(exc).__name__}: {exc}")
+        return {}
+    finally:
+        run.timings["diagnostics"] = time.perf_counter() - t
+
+
 def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, track_reference: bool = True,
-                progress_desc: str | None = None) -> Result:
-    """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4)."""
+                progress_desc: str | None = None, diagnostics: bool = False) -> Result:
+    """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4).
+    ``diagnostics``: also what a report shows beside the maps (``Result.diagnostics``)."""
     run = setup(subject, config or ReconConfig(), seed_state, track_reference=track_reference,
                 progress_desc=progress_desc)
     train_inr(run)
     final = train_refinement(run)
-    return finish(run, final)
+    return finish(run, final, diagnostics)
 
 
 def score_result(result: Result, reference: dict) -> dict:

@@ -20,6 +20,7 @@ def parser():
     ["cohort", "run", "m.parquet", "--out", "d", "--mode", "both", "--address", "auto", "--gpus-per-task", "0.5",
      "--config", "c.yaml", "--set", "adapt.lr=3e-3", "--tracking-uri", "sqlite:///x.db", "--force"],
     ["demo", "--out", "d"],
+    ["report", "d"],
 ])
 def test_every_command_parses(parser, argv):
     args = parser.parse_args(argv)

@@ -61,17 +61,22 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
     assert set(df[df.is_seed].subject_id) == {"sub-001"}
     for _, r in df.iterrows():
         d = subject_dir(out, r.subject_id, r["mode"])
-        for f in ("maps.h5", "T1F.nii.gz", "montage.png", "loss.png", "history.json", "history.csv", CONFIG_FILE, DONE):
+        for f in ("maps.h5", "T1F.nii.gz", "montage.png", "loss.png", "history.json", "history.csv", CONFIG_FILE, DONE,
+                  "diagnostics.json", "diagnostics.npz", "report.html"):
             assert (d / f).is_file(), d / f
         done = json.loads((d / DONE).read_text())
         assert done["config_hash"] == tiny_config.hash() and done["mode"] == r["mode"]
         with h5py.File(d / "maps.h5") as h:
             assert h.attrs["subject_id"] == r.subject_id and h["T1F"].shape == (6, 24, 24)
     assert (subject_dir(out, "sub-001", "scratch") / "seed_state.safetensors").is_file()
-    assert (out / "summary.png").is_file()
+    assert (out / "summary.png").is_file() and (out / "report.html").is_file()
+    assert df.report_path.notna().all() and (df.report_s > 0).all() and (df.diagnostics_s > 0).all()
+    cohort_page = (out / "report.html").read_text()
+    assert all(f'href="{s}/{m}/report.html"' in cohort_page for s, m in zip(df.subject_id, df["mode"]))
     assert rep.summary["speedup"] > 0 and all(r > 0 for r in rep.summary["nrmse_ratio"].values())
     stored = json.loads((out / SUMMARY_FILE).read_text())
     assert stored["speedup"] == pytest.approx(rep.summary["speedup"]) and "nrmse_ratio" in stored
+    assert stored["report_seconds"]["cohort"] > 0 and stored["report_seconds"]["subject_reports_in_tasks"] > 0
     assert "adapted / scratch" in rep.summary_text
     assert json.loads((out / CONFIG_FILE).read_text())["config_hash"] == tiny_config.hash()
 
@@ -85,7 +90,7 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
     assert "manifest_sha256" in p.data.params and "ray.CPU" in p.data.params
     assert p.data.metrics["cohort_wall_s"] > 0 and p.data.metrics["subjects_per_hour"] > 0
     assert p.data.metrics["speedup"] > 0 and p.data.metrics["nrmse_ratio_T1F"] > 0
-    assert {a.path for a in client.list_artifacts(p.info.run_id)} >= {"results.parquet", "summary.png"}
+    assert {a.path for a in client.list_artifacts(p.info.run_id)} >= {"results.parquet", "summary.png", "report.html"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
     assert len(children) == 2 * N_SUBJECTS
     assert {(c.data.params["subject"], c.data.params["mode"]) for c in children} == \
@@ -99,7 +104,7 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
         hist = client.get_metric_history(c.info.run_id, "train/loss")
         steps = [m.step for m in hist]
         assert len(hist) >= 2 and steps == sorted(steps)
-        assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {"montage.png", "loss.png", "maps"}
+        assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {"montage.png", "loss.png", "maps", "report.html"}
 
 
 # -- resume and failure isolation ------------------------------------------------------------------

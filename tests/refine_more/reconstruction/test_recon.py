@@ -104,6 +104,18 @@ def test_cli_recon_writes_outputs(tmp_path, subject):
         assert h5.attrs["method"] == "refine-more" and h5["T1F"].shape == subject.shape
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scores"]["refine-more"]["T1F"]["nrmse"] > 0
+    # the report and what it shows beside the maps (refine_more/reconstruction/diagnostics.py)
+    diag = json.loads((out / "diagnostics.json").read_text())
+    T = subject.n_images
+    assert len(diag["residual"]["maps"]) == len(diag["residual"]["inr"]) == T
+    assert all(0 < v < 10 for v in diag["residual"]["maps"] + diag["residual"]["inr"])
+    assert set(diag["roi_means"]) == {"WM", "GM"} and set(diag["roi_pairs"]) == {"T1F", "f", "kF"}
+    assert diag["nrmse_slice"]["zero-filled fit"]["T1F"] > 0 and diag["protocol"]["flip_angles_deg"]
+    with np.load(out / "diagnostics.npz") as z:
+        assert z["residual"].shape == (T,) + subject.shape[1:] and z["zf_T1F"].shape == subject.shape[1:]
+        assert z["ref_T1F"].shape == subject.shape[1:] and np.isfinite(z["zf_kF"]).all()
+    report = (out / "report.html").read_text()
+    assert "zero-filled fit</th>" in report and 'id="residual"' in report and "QC not computed" in report
 
 
 def test_without_coil_maps_b1_or_tissue_mask(tmp_path):
