@@ -25,12 +25,14 @@ from refine_more.reconstruction.recon import reconstruct
 
 RESULTS = Path(__file__).parent / "results"
 MAPS = ("I0", "T1F", "f", "kF")
-VARIANTS = {
+VARIANTS = {   # the most telling first: the run saves after each
     "small": [],
-    "stage1_images=1": ["stage1_images=1"],
-    "stage1_images=2": ["stage1_images=2"],
-    "coil_compression=0.99": ["coil_compression=0.99"],
     "both (1 image, 0.99)": ["coil_compression=0.99", "stage1_images=1"],
+    "cpu path (1 image, 0.99, 5 learned)": ["coil_compression=0.99", "stage1_images=1", "iters_stage2=5"],
+    "iters_stage2=5": ["iters_stage2=5"],
+    "stage1_images=1": ["stage1_images=1"],
+    "coil_compression=0.99": ["coil_compression=0.99"],
+    "stage1_images=2": ["stage1_images=2"],
 }
 
 
@@ -72,20 +74,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     p.add_argument("--out", default=str(RESULTS / "cpu_path"))
+    p.add_argument("--merge", action="store_true", help="keep the variants already in --out (same subjects) and run the rest")
     a = p.parse_args(argv)
     cfg = SimulationConfig(matrix=tuple(a.matrix), n_coils=a.coils)
     subjects = [simulate_subject(f"sub-{i + 1:03d}", cfg, seed=a.first_seed + i) for i in range(a.subjects)]
     doc = {"subjects": a.subjects, "matrix": a.matrix, "coils": a.coils, "first_seed": a.first_seed,
            "threads": a.threads, "variants": {}}
+    previous = json.loads(Path(a.out).with_suffix(".json").read_text()) if a.merge and Path(a.out).with_suffix(".json").exists() else None
+    if previous:
+        doc["variants"].update(previous["variants"])
     for name, overrides in VARIANTS.items():
-        if a.only and name not in a.only and name != "small":
+        if (a.only and name not in a.only and name != "small") or name in doc["variants"]:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         doc["variants"][name] = run_variant(subjects, overrides, a.threads)
         print(json.dumps(doc["variants"][name]["nrmse"]), json.dumps(doc["variants"][name]["seconds"]), flush=True)
-    out = Path(a.out)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1))
-    atomic_write_text(out.with_suffix(".md"), markdown(doc))
+        out = Path(a.out)
+        atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1))
+        atomic_write_text(out.with_suffix(".md"), markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -119,9 +119,14 @@ def step_llr(a: dict) -> dict:
     subject = read_subject(a["subject"])
     t0 = time.perf_counter()
     coils = coil_maps_for(subject)
-    images = llr_reconstruct(subject.kspace, coils, subject.mask)[0].numpy()
     tissue = derive_tissue_mask(subject)
     b1, _ = b1_for(subject, coils, tissue)
+    kspace = subject.kspace
+    if a.get("coil_compression"):       # the baseline gets the method's virtual coils too
+        from refine_more.physics.coil_compression import svd_compression
+        cc = svd_compression(kspace, a["coil_compression"], mask=subject.mask)
+        kspace, coils = cc.kspace(kspace), cc.coil_maps(coils)
+    images = llr_reconstruct(kspace, coils, subject.mask)[0].numpy()
     maps = fit_images(images, subject.protocol, b1, tissue, k_band=tuple(a["k_band"]))
     return {"llr_s": time.perf_counter() - t0, "llr_peak_rss_GiB": _peak_rss_gib(),
             "llr_nrmse": _scores({k: maps[k] for k in MAPS}, subject, tissue)}
@@ -179,7 +184,8 @@ def measure_size(matrix, coils, images, a, work: Path, log) -> list:
     rows = []
     for mode, path in (("scratch", paths[0]),) + ((("adapted", paths[1]),) if a.adapted else ()):
         rec = run_step("recon", {**base, "subject": path, "seed_state": seed_state, "adapted": mode == "adapted"}, log)
-        llr = run_step("llr", {**base, "subject": path, "k_band": list(config.k_band)}, log)
+        llr = run_step("llr", {**base, "subject": path, "k_band": list(config.k_band),
+                               "coil_compression": config.coil_compression}, log)
         row = {"matrix": list(matrix), "coils": coils, "images": images, "mode": mode, "preset": a.preset,
                "overrides": a.set, "threads": a.threads, "voxels_images_coils": int(np.prod(matrix)) * images * coils,
                **{k: rec[k] for k in ("wall_s", "peak_rss_GiB", "s_per_iteration", "nrmse", "inr_nrmse",

@@ -272,6 +272,7 @@ def _small_hash(levels=8, log2=14, base=4, scale=1.5):
 PRESETS = {
     "tiny": "seconds on a CPU, for tests",
     "small": "a 6×32×32 subject in about a minute on a CPU (the demo)",
+    "large": "`small` for real-size subjects on CPU nodes: virtual coils, one image per stage-1 iteration",
     "paper": "the paper's sizes and schedule (GPU)",
 }
 
@@ -308,6 +309,8 @@ def preset(name: str) -> ReconConfig:
             # descent warm start 50 ended in a false minimum (objective +2.9 %, T1F +2.3 %)
             adapt=AdaptConfig(lora_rank=4, iters_stage1=60, iters_stage2=25, plateau_patience=5),
         )
+    if name == "large":  # docs/decisions/019: the same maps as `small` (benchmarks/cpu_path.py), less work
+        return preset("small").replace(coil_compression=0.99, stage1_images=1)
     if name == "tiny":
         return ReconConfig(
             iters_stage1=30, iters_stage2=10, progress=False,
@@ -315,7 +318,7 @@ def preset(name: str) -> ReconConfig:
             unroll=UnrollConfig(iterations=2, unet_width=4, unet_levels=1),
             adapt=AdaptConfig(lora_rank=2, iters_stage1=10, iters_stage2=5),
         )
-    raise ValueError(f"unknown preset {name!r} (known: paper, small, tiny)")
+    raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
 
 
 def load_config(path=None, preset_name: str = "small", overrides=()) -> ReconConfig:

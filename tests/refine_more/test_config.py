@@ -74,7 +74,7 @@ def test_toml_on_python_3_10_uses_tomli(monkeypatch, tmp_path):
 
 
 def test_preset_registry():
-    assert set(PRESETS) == {"tiny", "small", "paper"} and all(PRESETS.values())
+    assert set(PRESETS) == {"tiny", "small", "large", "paper"} and all(PRESETS.values())
     for name in PRESETS:
         assert isinstance(preset(name), ReconConfig)
     with pytest.raises(ValueError, match="unknown preset"):
