@@ -27,6 +27,7 @@ from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import SCORED_MAPS
 from refine_more.reconstruction.objective import RefinementObjective
 from refine_more.reconstruction.optimizer import adam
+from refine_more.reconstruction.qc import assess
 from refine_more.physics.scan import ScanPhysics, resolve_device
 from refine_more.reconstruction.ssdu import train_self_supervised
 from refine_more.reconstruction.unrolled import UnrolledPGD
@@ -51,6 +52,7 @@ class Result:
     trainable_parameters: dict = field(default_factory=dict)
     b1_source: str = "file"          # "file" | "bloch-siegert" (estimated from the data) | "unity"
     state: object = None             # the models, for building a SeedState (not serialised)
+    qc: object = None                # qc.QualityReport: the final maps checked against the data alone
 
     def final_losses(self) -> dict:
         return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
@@ -83,6 +85,7 @@ class ReconRun:
     timings: dict = field(default_factory=dict)
     done: dict = field(default_factory=dict)
     bar: object = None
+    final_phase: object = None       # the images' phase (nuisance) of the final maps, when stage 2 ran
 
     @property
     def chunk(self) -> int:
@@ -224,7 +227,8 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if start is None:
         return c0
     with torch.no_grad():
-        return run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1]
+    return final
 
 
 def _train_jointly(run: ReconRun) -> torch.Tensor:
@@ -256,11 +260,13 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
         c0 = inr.map_channels()
         if not s["n2"]:
             return c0
-        return run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1]
+    return final
 
 
 def finish(run: ReconRun, final: torch.Tensor) -> Result:
-    """The Result: physical maps of the final and the INR's channels, images, timings."""
+    """The Result: physical maps of the final and the INR's channels, images, timings, and the
+    final maps' quality control (qc.py; its seconds are ``timings["qc"]``, outside ``total``)."""
     run.bar.close()
     prob = run.physics
     with torch.no_grad():
@@ -272,6 +278,10 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
         if not all(np.isfinite(v).all() for v in m.values()):
             raise FloatingPointError(f"{run.subject.subject_id}: non-finite maps")
     trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
+    t_qc = time.perf_counter()
+    phase = run.final_phase if run.final_phase is not None else prob.background_phase(W)
+    report = assess(prob, final, phase, run.config)
+    run.timings["qc"] = time.perf_counter() - t_qc
     return Result(
         subject_id=run.subject.subject_id, method=run.method, maps=maps, maps_init=maps_init,
         images=(W * prob.data_scale).cpu().numpy().astype(np.complex64), tissue_mask=prob.tissue_np,
@@ -279,7 +289,7 @@ def finish(run: ReconRun, final: torch.Tensor) -> Result:
         iterations={"stage1": run.done.get("stage1", 0), "stage2": run.done.get("stage2", 0)},
         config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
         b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
-                                         "data_scale": prob.data_scale},
+                                         "data_scale": prob.data_scale}, qc=report,
     )
 
 

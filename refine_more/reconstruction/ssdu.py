@@ -89,4 +89,6 @@ def train_self_supervised(run) -> torch.Tensor:
     run.done["stage2"] = it + 1
     run.unrolled.load_state_dict(best_state)
     with torch.no_grad():
-        return run.unrolled.learned_iterations(full_start[0], run.objective, full_start[1], prob.tissue)[-1][0]
+        final, run.final_phase = run.unrolled.learned_iterations(full_start[0], run.objective, full_start[1],
+                                                                 prob.tissue)[-1]
+    return final
