@@ -157,6 +157,8 @@ def _recon(args):
     result = reconstruct(subject, config, diagnostics=True)
     with _staged(Path(args.out)) as out:
         _write_recon(out, args, subject, config, result)
+    if result.qc.flagged:       # the maps were written; say plainly that they need a look
+        print(f"{subject.subject_id}: flagged by QC: " + "; ".join(result.qc.reasons), file=sys.stderr)
     if args.bids:
         from refine_more.files.interop.bids import BidsEntry, write_bids
         write_bids(args.bids, [BidsEntry(str(Path(args.out) / "maps.h5"), str(args.file))])
@@ -190,7 +192,8 @@ class _staged:
 
 def _write_recon(out: Path, args, subject, config, result) -> None:
     """Maps, NIfTI, config.json, montage, loss curves, history, the report's diagnostics,
-    summary.json and report.html (a report that cannot be written is a warning) into ``out``."""
+    summary.json (with the quality control: status, reasons, metrics, thresholds) and report.html
+    (a report that cannot be written is a warning) into ``out``."""
     from refine_more.files.atomic import atomic_write_text
     from refine_more.files.maps_io import write_maps
     from refine_more.evaluation.metrics import score_maps
@@ -206,11 +209,12 @@ def _write_recon(out: Path, args, subject, config, result) -> None:
     from refine_more.reconstruction.synthesis import INR_FILE, save_inr
     save_inr(out / INR_FILE, result)           # what `refine-more synthesize` needs
     ref = {k: subject.reference[k] for k in MAP_NAMES if k in subject.reference} or None
-    montage_png(out / "montage.png", result.maps, ref, title=f"{subject.subject_id} {result.method}")
+    montage_png(out / "montage.png", result.maps, ref, title=f"{subject.subject_id} {result.method}, {result.qc.headline()}")
     loss_png(out / "loss.png", result.history, title=subject.subject_id)
     summary = {"subject_id": subject.subject_id, "method": result.method, "config_hash": result.config_hash,
                "timings_s": result.timings, "iterations": result.iterations, "device": result.device,
-               "final_losses": result.final_losses()}
+               "final_losses": result.final_losses(),
+               "qc": {**result.qc.to_dict(), "thresholds": vars(config.qc)}}   # docs/decisions/017
     if ref:
         summary["scores"] = {"refine-more": score_maps(result.maps, ref, result.tissue_mask),
                              "inr-only": score_maps(result.maps_init, ref, result.tissue_mask)}

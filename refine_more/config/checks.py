@@ -46,6 +46,10 @@ RANGES = {
     "adapt.lora_rank": _int_at_least(1), "adapt.lora_beta": _positive(), "adapt.iters_stage1": _int_at_least(1),
     "adapt.iters_stage2": _int_at_least(0), "adapt.lr": _positive(), "adapt.lr_stage2": _positive(),
     "adapt.plateau_patience": _int_at_least(0), "adapt.plateau_rel": _non_negative(),
+    "qc.max_objective_ratio": _non_negative(), "qc.max_model_excess": _non_negative(),
+    "qc.max_unexplained": _non_negative(), "qc.max_image_residual_ratio": _non_negative(),
+    "qc.max_fraction_at_bounds": _non_negative(), "qc.f_edge": _fraction(), "qc.k_edge": _fraction(),
+    "qc.phase_steps": _int_at_least(0),
 }
 #: number tuples whose every entry must be finite and >= 0
 NON_NEGATIVE_LISTS = ("unroll.map_smoothness", "unroll.map_edge_scale")

@@ -35,6 +35,17 @@ class MapScaling:
         k = k_mid + k_half * torch.tanh(c[3])
         return {"I0": I0, "T1F": T1F, "f": f, "k": k, "kF": k * f}
 
+    def to_channels(self, maps: dict) -> torch.Tensor:
+        """Physical maps (I0, T1F, f, k: tensors of one shape P) → channels (4, *P), the inverse of
+        `to_physical` within its range: f is kept 1e-6 off 0 and 1 and k as far off the band's ends
+        (the channels would be infinite there); a band that is a point gives c3 = 0."""
+        k_mid = 0.5 * (self.k_band[0] + self.k_band[1])
+        k_half = 0.5 * (self.k_band[1] - self.k_band[0])
+        f = maps["f"].clamp(1e-6, 1 - 1e-6)
+        k = torch.atanh(((maps["k"] - k_mid) / k_half).clamp(-1 + 1e-6, 1 - 1e-6)) if k_half > 0 \
+            else torch.zeros_like(f)
+        return torch.stack([maps["I0"] / self.I0_scale, maps["T1F"] / self.T1_scale, torch.log(f / (1 - f)), k])
+
     @staticmethod
     def canonical(c: torch.Tensor) -> torch.Tensor:
         """The same maps with the sign-free channels (I0, T1F enter through |·|) made ≥ 0. The

@@ -28,6 +28,7 @@ from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import SCORED_MAPS
 from refine_more.reconstruction.objective import RefinementObjective
 from refine_more.reconstruction.optimizer import adam
+from refine_more.reconstruction.qc import assess
 from refine_more.physics.scan import ScanPhysics, resolve_device
 from refine_more.reconstruction.ssdu import train_self_supervised
 from refine_more.reconstruction.unrolled import UnrolledPGD
@@ -53,6 +54,7 @@ class Result:
     b1_source: str = "file"          # "file" | "bloch-siegert" (estimated from the data) | "unity"
     state: object = None             # the models, for building a SeedState (not serialised)
     diagnostics: dict = field(default_factory=dict)   # what a report shows beside the maps (diagnostics.py)
+    qc: object = None                # qc.QualityReport: the final maps checked against the data alone
 
     def final_losses(self) -> dict:
         return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
@@ -278,7 +280,8 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
 
 
 def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Result:
-    """The Result: physical maps of the final and the INR's channels, images, timings; with
+    """The Result: physical maps of the final and the INR's channels, images, timings, the final
+    maps' quality control (qc.py; its seconds are ``timings["qc"]``, outside ``total``); with
     ``diagnostics``, what a report shows beside the maps (its time in ``timings['diagnostics']``,
     after ``total``; a failure there is a warning, never a failed reconstruction)."""
     run.bar.close()
@@ -292,6 +295,10 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
         if not all(np.isfinite(v).all() for v in m.values()):
             raise FloatingPointError(f"{run.subject.subject_id}: non-finite maps")
     trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
+    t_qc = time.perf_counter()
+    phase = run.final_phase if run.final_phase is not None else prob.background_phase(W)
+    report = assess(prob, final, phase, run.config)
+    run.timings["qc"] = time.perf_counter() - t_qc
     diag = _diagnostics(run, final, W, maps) if diagnostics else {}
     return Result(
         subject_id=run.subject.subject_id, method=run.method, maps=maps, maps_init=maps_init,
@@ -301,7 +308,7 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
         config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
         b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
                                          "data_scale": prob.data_scale},
-        diagnostics=diag,
+        diagnostics=diag, qc=report,
     )
 
 

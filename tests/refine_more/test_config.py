@@ -11,6 +11,7 @@ import pytest
 from refine_more import config as config_module
 from refine_more.config import (PRESETS, AdaptConfig, INRConfig, ReconConfig, UnrollConfig, apply_overrides,
                                 load_config, preset)
+from refine_more.config.qc import QCConfig
 from refine_more.networks.encoding import HashEncodingConfig
 
 
@@ -81,7 +82,7 @@ def test_preset_registry():
         preset("huge")
 
 
-@pytest.mark.parametrize("cls", [ReconConfig, INRConfig, UnrollConfig, AdaptConfig, HashEncodingConfig])
+@pytest.mark.parametrize("cls", [ReconConfig, INRConfig, UnrollConfig, AdaptConfig, HashEncodingConfig, QCConfig])
 def test_every_field_has_a_docstring(cls):
     """nerfstudio style: a string right under each field says what it is."""
     node = ast.parse(inspect.getsource(cls)).body[0]
@@ -100,3 +101,16 @@ def test_literal_fields_are_literals():
     assert "Literal" in str(hints[UnrollConfig]["warm_start_solver"])
     assert "Literal" in str(hints[INRConfig]["hash_backend"])
     assert config_module.ReconConfig is ReconConfig
+
+
+def test_qc_thresholds_are_saved_with_the_config_but_not_hashed():
+    """They judge a result and do not change it (docs/decisions/017): a new threshold must not
+    redo a cohort, and a resumed row is judged again against it."""
+    base = preset("small")
+    strict = apply_overrides(base, ["qc.max_model_excess=2.5", "qc.phase_steps=4"])
+    assert strict.qc.max_model_excess == 2.5 and strict.hash() == base.hash()
+    assert ReconConfig.from_dict(strict.to_dict()).qc == strict.qc
+    with pytest.raises(ValueError, match="config.qc.max_unexplained: must be finite and >= 0"):
+        apply_overrides(base, ["qc.max_unexplained=-1"])
+    with pytest.raises(ValueError, match="unknown key"):
+        apply_overrides(base, ["qc.max_everything=1"])

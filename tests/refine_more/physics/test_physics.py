@@ -163,3 +163,20 @@ def test_prepared_model_is_the_model_for_its_b1(protocol):
         assert torch.allclose(a, ref, rtol=1e-10, atol=1e-12)
         assert all(torch.allclose(x, y, rtol=1e-8, atol=1e-12) for x, y in zip(ga, gr))
         assert torch.allclose(model.magnitude_k(*params, b1), a)
+
+
+@pytest.mark.parametrize("band", [(20.0, 26.0), (23.0, 23.0)])
+def test_map_scaling_to_channels_inverts_to_physical(band):
+    """The QC turns the LLR fit's maps into channels (reconstruction/qc.py): the way back is exact
+    inside the ranges, f and k are kept off the ends where the channels would be infinite."""
+    from refine_more.physics.scaling import MapScaling
+    scaling = MapScaling(I0_scale=2.5, k_band=band)
+    maps = {"I0": torch.tensor([0.5, 1.0, 3.0, 0.2]), "T1F": torch.tensor([0.3, 0.9, 1.5, 4.0]),
+            "f": torch.tensor([0.005, 0.13, 0.06, 0.3]), "k": torch.tensor([21.0, 23.0, 24.5, 25.9])}
+    if band[0] == band[1]:
+        maps["k"] = torch.full((4,), band[0])
+    back = scaling.to_physical(scaling.to_channels(maps))
+    for name in maps:
+        torch.testing.assert_close(back[name], maps[name], rtol=1e-4, atol=1e-6)
+    ends = {**maps, "f": torch.tensor([0.0, 1.0, 0.5, 0.5]), "k": torch.full((4,), band[1])}
+    assert torch.isfinite(scaling.to_channels(ends)).all()

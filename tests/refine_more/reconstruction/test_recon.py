@@ -37,7 +37,7 @@ def test_end_to_end_tiny(subject, result):
     stage1 = [h["loss"] for h in losses if h["stage"] == 1]
     assert stage1[-1] < stage1[0]
     assert "loss3" in losses[-1] and "nrmse_T1F" in losses[-1]
-    assert set(result.timings) == {"setup", "stage1", "stage2", "warm_start", "total"}
+    assert set(result.timings) == {"setup", "stage1", "stage2", "warm_start", "total", "qc"}
     assert 0 <= result.timings["warm_start"] <= result.timings["stage2"]
     # I0 comes back in the units of the k-space (the reference's units), not the normalised ones
     ratio = np.median(result.maps["I0"][result.tissue_mask] / subject.reference["I0"][result.tissue_mask])
@@ -115,7 +115,11 @@ def test_cli_recon_writes_outputs(tmp_path, subject):
         assert z["residual"].shape == (T,) + subject.shape[1:] and z["zf_T1F"].shape == subject.shape[1:]
         assert z["ref_T1F"].shape == subject.shape[1:] and np.isfinite(z["zf_kF"]).all()
     report = (out / "report.html").read_text()
-    assert "zero-filled fit</th>" in report and 'id="residual"' in report and "QC not computed" in report
+    assert "zero-filled fit</th>" in report and 'id="residual"' in report
+    # the quality control (docs/decisions/017): status, reasons, metrics and what they were judged against
+    assert summary["qc"]["status"] == "ok" and summary["qc"]["reasons"] == []
+    assert summary["qc"]["metrics"]["objective_llr_images"] > 0 and len(summary["qc"]["metrics"]["image_residuals"]) == 8
+    assert summary["qc"]["thresholds"] == vars(preset("tiny").qc)
 
 
 def test_without_coil_maps_b1_or_tissue_mask(tmp_path):
