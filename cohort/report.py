@@ -11,7 +11,6 @@ cohort/report_plots.py). Writing a report never fails a run: :func:`write_report
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from refine_more.evaluation.report.html import render, write_html
 from refine_more.files.names import SCORED_MAPS
 
 from . import report_plots as plots
+from .report_plots import _num
 from .results import DONE, MODES, RESULTS_FILE, SUMMARY_FILE, SUMMARY_PNG, subject_dir
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -39,14 +39,6 @@ def read_rows(out_dir) -> list:
 
 def _link(out_dir: Path, sid: str, mode: str) -> Optional[str]:
     return f"{sid}/{mode}/{REPORT_FILE}" if (subject_dir(out_dir, sid, mode) / REPORT_FILE).is_file() else None
-
-
-def _num(v):
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def entries(out_dir, rows: list, thresholds: Optional[dict] = None) -> list:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from refine_more.files.atomic import atomic_write, atomic_write_text
+from refine_more.files.atomic import atomic_write, atomic_write_text, json_default  # noqa: F401 (subject_run imports it from here)
 from refine_more.files.names import MAP_NAMES
 
 MODES = ("scratch", "adapted")
@@ -45,17 +45,6 @@ COLUMNS = [
 
 def subject_dir(out_dir, subject_id: str, mode: str) -> Path:
     return Path(out_dir) / subject_id / mode
-
-
-def json_default(o):
-    """``json.dumps(default=...)`` for numpy scalars and arrays, paths and anything else as str."""
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def clean(v):

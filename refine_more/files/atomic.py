@@ -66,3 +66,16 @@ def atomic_write_text(path, text: str) -> str:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
     return str(atomic_write(path, write))
+
+
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars and arrays, paths and anything else as str."""
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from refine_more.files.atomic import atomic_write, atomic_write_text
+from refine_more.files.atomic import atomic_write, atomic_write_text, json_default
 
 REPORT_FILE = "report.html"
 DIAGNOSTICS_JSON = "diagnostics.json"
@@ -26,16 +26,6 @@ SUMMARY_FILE = "summary.json"    # `refine-more recon`'s record
 QC_NOT_COMPUTED = "QC not computed"
 
 
-def _default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def write_diagnostics(folder, diagnostics: dict) -> list:
     """``diagnostics.json`` and ``diagnostics.npz`` (atomically); nothing when ``diagnostics`` is empty.
     Returns the paths written."""
@@ -43,7 +33,7 @@ def write_diagnostics(folder, diagnostics: dict) -> list:
         return []
     folder = Path(folder)
     paths = [atomic_write_text(folder / DIAGNOSTICS_JSON,
-                               json.dumps(diagnostics.get("json", {}), indent=1, default=_default))]
+                               json.dumps(diagnostics.get("json", {}), indent=1, default=json_default))]
     arrays = diagnostics.get("arrays") or {}
     if arrays:
         paths.append(atomic_write(str(folder / DIAGNOSTICS_NPZ), lambda tmp: _savez(tmp, arrays)))
