@@ -3,7 +3,7 @@ cohort summary and ``done.json`` (what a rerun resumes from).
 
 Outputs per subject and mode, under ``DIR/<subject_id>/<mode>/``: ``maps.h5`` and the NIfTI maps,
 ``config.json`` (the resolved config), ``montage.png``, ``history.json``, ``history.csv``,
-``loss.png``, ``diagnostics.json``/``.npz`` and ``report.html`` (cohort/report.py), the seed's
+``loss.png``, ``diagnostics.json``/``.safetensors`` and ``report.html`` (cohort/report.py), the seed's
 ``seed_state.safetensors``, and ``done.json`` written LAST. Per cohort: ``DIR/results.parquet``
 (rewritten after every finished subject), ``DIR/summary.json``, ``DIR/summary.png``,
 ``DIR/config.json`` and ``DIR/report.html``. Every file is written atomically.

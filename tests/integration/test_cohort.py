@@ -62,7 +62,7 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
     for _, r in df.iterrows():
         d = subject_dir(out, r.subject_id, r["mode"])
         for f in ("maps.h5", "T1F.nii.gz", "montage.png", "loss.png", "history.json", "history.csv", CONFIG_FILE, DONE,
-                  "diagnostics.json", "diagnostics.npz", "report.html"):
+                  "diagnostics.json", "diagnostics.safetensors", "report.html"):
             assert (d / f).is_file(), d / f
         done = json.loads((d / DONE).read_text())
         assert done["config_hash"] == tiny_config.hash() and done["mode"] == r["mode"]

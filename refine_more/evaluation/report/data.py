@@ -1,5 +1,5 @@
 """What a report reads, all from a result folder: the file names, the diagnostics written beside
-the maps (``diagnostics.json`` and ``diagnostics.npz``, from refine_more/reconstruction/diagnostics.py),
+the maps (``diagnostics.json`` and ``diagnostics.safetensors``, from refine_more/reconstruction/diagnostics.py),
 the result's record (a cohort's ``done.json`` row or ``recon``'s ``summary.json``) and its QC.
 
 QC (``qc_status`` ∈ {"ok", "flagged"}, ``qc_reasons``: short strings) is read from the record's
@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from refine_more.files.atomic import atomic_write, atomic_write_text, json_default
 
 REPORT_FILE = "report.html"
 DIAGNOSTICS_JSON = "diagnostics.json"
-DIAGNOSTICS_NPZ = "diagnostics.npz"
+DIAGNOSTICS_ARRAYS = "diagnostics.safetensors"   # safetensors: reading it cannot run code
 DONE_FILE = "done.json"          # a cohort subject folder's row (cohort/results.py)
 SUMMARY_FILE = "summary.json"    # `refine-more recon`'s record
 QC_NOT_COMPUTED = "QC not computed"
 
 
 def write_diagnostics(folder, diagnostics: dict) -> list:
-    """``diagnostics.json`` and ``diagnostics.npz`` (atomically); nothing when ``diagnostics`` is empty.
+    """``diagnostics.json`` and ``diagnostics.safetensors`` (atomically); nothing when ``diagnostics`` is empty.
     Returns the paths written."""
     if not diagnostics:
         return []
@@ -36,13 +38,12 @@ def write_diagnostics(folder, diagnostics: dict) -> list:
                                json.dumps(diagnostics.get("json", {}), indent=1, default=json_default))]
     arrays = diagnostics.get("arrays") or {}
     if arrays:
-        paths.append(atomic_write(str(folder / DIAGNOSTICS_NPZ), lambda tmp: _savez(tmp, arrays)))
+        paths.append(atomic_write(str(folder / DIAGNOSTICS_ARRAYS), lambda tmp: _save_arrays(tmp, arrays)))
     return paths
 
 
-def _savez(tmp: str, arrays: dict) -> None:
-    with open(tmp, "wb") as fh:          # a file object: np.savez would append '.npz' to the name
-        np.savez_compressed(fh, **arrays)
+def _save_arrays(tmp: str, arrays: dict) -> None:
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
 
 
 def read_json(path) -> Optional[dict]:
@@ -60,9 +61,8 @@ def read_diagnostics(folder) -> tuple:
     info = read_json(folder / DIAGNOSTICS_JSON)
     arrays = {}
     try:
-        with np.load(folder / DIAGNOSTICS_NPZ) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+        arrays = load_file(str(folder / DIAGNOSTICS_ARRAYS))
+    except (OSError, ValueError, SafetensorError):   # absent, truncated or not safetensors: no arrays
         pass
     return (info if isinstance(info, dict) else {}), arrays
 
