@@ -5,7 +5,8 @@
 ``DIR/<subject_id>/<mode>/maps.h5`` (+ NIfTI, montage, loss history, config.json),
 ``DIR/results.parquet`` and ``DIR/summary.json``. It returns the exit status: 0 when every
 subject/mode is ok, 1 when some failed (everything else is still written; ``--allow-failures``
-makes that 0), 2 for usage, config or manifest errors.
+makes that 0), 2 for usage, config or manifest errors. Results that QC flagged are results: they
+exit 0 and are named in the summary and ``qc_status`` (docs/decisions/017).
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ A run (:func:`run_cohort`):
 2. plan (:func:`cohort.plan.plan_cohort`, no Ray): what is done already with this config (resume,
    unless ``force``), what runs, and whether the seed runs first;
 3. the seed is reconstructed from scratch as one Ray task that writes its outputs and returns its
-   row plus the ``SeedState`` numpy dict; the driver ``ray.put``\\ s that dict ONCE and passes the
-   ObjectRef as a top-level argument to every adaptation task (Ray resolves it before the task
+   row plus the ``SeedState`` numpy dict; the driver ``ray.put``\\ s that dict ONCE, only when the
+   seed's result passes QC (a failed or flagged seed falls back to the next subject), and passes
+   the ObjectRef as a top-level argument to every adaptation task (Ray resolves it before the task
    starts; workers on a node share one copy);
 4. results are collected in the order they finish (``ray.wait(num_returns=1)``), logged to MLflow
    by the driver alone (:mod:`cohort.tracking`), and ``DIR/results.parquet`` is rewritten after
@@ -31,14 +32,24 @@ from .manifest import file_sha256, read_manifest, validate_entries
 from .plan import CohortPlan, plan_cohort
 from .ray_cluster import check_num_cpus, connect_ray, free_task_slots, task_error, task_resources
 from .results import (CONFIG_FILE, RESULTS_FILE, SEED_STATE_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport,
-                      failed_row, format_summary, read_done, rows_frame, subject_dir, summarize,
+                      failed_row, flagged, format_summary, read_done, rejudge, rows_frame, subject_dir, summarize,
                       summary_metrics, write_json, write_results)
 from .resume import check_done
 from .subject_run import load_seed_state_dict
 
 
-#: seeds tried after the first one fails (each a scratch run, one after another)
+#: seeds tried after the first one fails or is flagged by QC (each a scratch run, one after another)
 MAX_SEED_FALLBACKS = 2
+
+
+def seed_problem(row: dict) -> tuple:
+    """Why a seed's scratch run is not published: ``("failed", its error)`` or ``("flagged by QC",
+    its reasons)`` (docs/decisions/015, 017); None when it may be."""
+    if flagged(row):
+        return "flagged by QC", row.get("qc_reasons") or ""
+    if row.get("status") != "ok":
+        return "failed", row.get("error") or ""
+    return None
 
 
 class _Scheduler:
@@ -107,18 +118,23 @@ class _Scheduler:
                 self.waiting.append((e, m))
         if plan.seed_todo and len(self.pending) == 1:      # the seed alone: the other slots idle
             self.warm_up(free_slots - 1)
+        resumed_seed = self.rows.get((self.seed_id, "scratch"))
+        if self.waiting and self.seed_ref is None and not plan.seed_todo and resumed_seed is not None:
+            self._seed_done(resumed_seed, None)    # a resumed seed that QC flags now is not published
 
     def _fall_back(self, row: dict) -> bool:
-        """After a failed seed run: the next valid subject (manifest order) becomes the seed, at most
-        MAX_SEED_FALLBACKS times (a config that fails every subject should not run them all
-        serially). False when nothing waits for a seed or none is left."""
-        error = (row.get("error") or "").strip().splitlines()[:1]
-        self.report.seed_failures.append({"seed": self.seed_id, "error": error[0] if error else ""})
+        """After a failed or QC-flagged seed run: the next valid subject (manifest order) becomes the
+        seed, at most MAX_SEED_FALLBACKS times (a config that fails every subject should not run
+        them all serially). False when nothing waits for a seed or none is left."""
+        verb, detail = seed_problem(row) or ("failed", "")
+        first = detail.strip().splitlines()[:1]
+        why = (f"{verb}: " if verb != "failed" else "") + (first[0] if first else "")
+        self.report.seed_failures.append({"seed": self.seed_id, "error": why})
         tried = {f["seed"] for f in self.report.seed_failures}
         nxt = next((e for e in self.plan.fallbacks if e.subject_id not in tried), None)
         if nxt is None or not self.waiting or len(tried) > MAX_SEED_FALLBACKS:
             return False
-        self.log(f"seed {self.seed_id} failed ({error[0] if error else 'no error text'}); "
+        self.log(f"seed {self.seed_id} {verb} ({first[0] if first else 'no error text'}); "
                  f"falling back to {nxt.subject_id} as the seed")
         self.seed_id = self.report.seed_subject = nxt.subject_id
         self.bar.total += 1
@@ -129,6 +145,8 @@ class _Scheduler:
         return True
 
     def _seed_done(self, row: dict, state):
+        if seed_problem(row):
+            state = None                 # published only when it finished and passed QC (decision 017)
         if state is None and self._fall_back(row):
             return
         if state is not None:
@@ -136,10 +154,11 @@ class _Scheduler:
             for e, m in self.waiting:
                 self.submit(e, m)
         else:
+            verb, detail = seed_problem(row) or ("failed", "no seed state")
             for e, m in self.waiting:
                 seeds = ", ".join(f["seed"] for f in self.report.seed_failures)
                 self.rows[(e.subject_id, m)] = failed_row(
-                    e.subject_id, m, f"seed {seeds} failed: {row['error']}", path=e.path,
+                    e.subject_id, m, f"seed {seeds} {verb}: {detail}", path=e.path,
                     config_hash=self.config_hash, seed_subject=self.seed_id)
                 self.counts["failed"] += 1
                 self.bar.update(1)
@@ -150,6 +169,8 @@ class _Scheduler:
         if row["status"] == "ok":
             row["mlflow_run_id"] = self.tracker.log_child(row, history or [], lora_rank=self.lora_rank)
             self.counts["ok"] += 1
+            if flagged(row):
+                self.log(f"flagged by QC: {e.subject_id}/{m}: {row.get('qc_reasons')}")
         else:
             self.log(f"failed: {e.subject_id}/{m}: {row['error'].splitlines()[0] if row['error'] else ''}")
             row["mlflow_run_id"] = self.tracker.log_child(row, [])
@@ -219,6 +240,7 @@ def _finish(report: CohortReport, tracker, rows: list, out_dir: Path, mode: str,
                  if report.wall_s > 0 else 0.0,
                  "n_ok": float(sum(r["status"] == "ok" for r in rows)),
                  "n_failed": float(sum(r["status"] == "failed" for r in rows)),
+                 "n_flagged": float(sum(flagged(r) for r in rows)),
                  "n_resumed": float(report.n_resumed), "n_reconstructed": float(report.n_reconstructed),
                  "reconstructions_ok": float(len(fresh_ok)),
                  **summary_metrics(report.summary)},   # NaN (not logged) without both modes
@@ -249,8 +271,11 @@ def _write_reports(out_dir: Path, rows: list, summary: dict, log) -> Optional[st
     return done["path"]
 
 
-def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, progress: bool, log, external=None):
-    """``external``: ``(seed dict, seed subject)`` of ``--seed-from``, or None."""
+def _plan(manifest, out_dir: Path, mode: str, config, force: bool, progress: bool, log, external=None):
+    """``external``: ``(seed dict, seed subject)`` of ``--seed-from``, or None. Resumed rows are
+    judged again against this run's QC thresholds; a resumed seed that QC flags is not loaded (the
+    scheduler falls back from it)."""
+    config_hash = config.hash()
     entries = read_manifest(manifest, out_dir)
     validate_entries(entries, progress=progress)
     for e in entries:
@@ -260,10 +285,13 @@ def _plan(manifest, out_dir: Path, mode: str, config_hash: str, force: bool, pro
                        external_seed=external[1] if external else None, check=check_done(out_dir))
     for sid, m, why in plan.redo:
         log(f"redo {sid}/{m}: {why}")
+    for key, row in plan.rows.items():
+        if row.get("resumed"):
+            plan.rows[key] = rejudge(row, config.qc)
     seed_dict = None
     if external:
         seed_dict = external[0] if plan.needs_seed_state else None
-    elif plan.needs_seed_state and not plan.seed_todo:
+    elif plan.needs_seed_state and not plan.seed_todo and not flagged(plan.rows.get((plan.seed_id, "scratch"), {})):
         seed_dict = load_seed_state_dict(out_dir, plan.seed_id)
         if seed_dict is None:
             plan = plan.redo_seed()
@@ -331,7 +359,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         seed_dict, seed_subject, seed_path = resolve_seed_from(seed_from, config, tracking_uri)
         external = (seed_dict, seed_subject)
         log(f"seed state from {seed_from}: seed subject {seed_subject}, no seed reconstructed")
-    entries, plan, seed_dict = _plan(manifest, out_dir, mode, config_hash, force, progress, log, external)
+    entries, plan, seed_dict = _plan(manifest, out_dir, mode, config, force, progress, log, external)
     del external
     write_json(out_dir / CONFIG_FILE, {"config_hash": config_hash, "config": config.to_dict()})
     report = CohortReport(rows=[], results_path=str(out_dir / RESULTS_FILE), summary={}, summary_text="",

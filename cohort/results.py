@@ -3,10 +3,11 @@ cohort summary and ``done.json`` (what a rerun resumes from).
 
 Outputs per subject and mode, under ``DIR/<subject_id>/<mode>/``: ``maps.h5`` and the NIfTI maps,
 ``config.json`` (the resolved config), ``montage.png``, ``history.json``, ``history.csv``,
-``loss.png``, ``diagnostics.json``/``.safetensors`` and ``report.html`` (cohort/report.py), the seed's
-``seed_state.safetensors``, and ``done.json`` written LAST. Per cohort: ``DIR/results.parquet``
-(rewritten after every finished subject), ``DIR/summary.json``, ``DIR/summary.png``,
-``DIR/config.json`` and ``DIR/report.html``. Every file is written atomically.
+``loss.png``, ``diagnostics.json``/``.safetensors`` and ``report.html`` (cohort/report.py),
+``qc.json`` (the quality control: status, reasons, metrics, thresholds; docs/decisions/017), the
+seed's ``seed_state.safetensors`` (only when it passed QC), and ``done.json`` written LAST. Per
+cohort: ``DIR/results.parquet`` (rewritten after every finished subject), ``DIR/summary.json``,
+``DIR/summary.png``, ``DIR/config.json`` and ``DIR/report.html``. Every file is written atomically.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from refine_more.config.qc import FLAGGED, SCALAR_METRICS, judge
 from refine_more.files.atomic import atomic_write, atomic_write_text, json_default  # noqa: F401 (subject_run imports it from here)
 from refine_more.files.names import MAP_NAMES
 
@@ -27,19 +29,24 @@ MODES = ("scratch", "adapted")
 DONE = "done.json"
 CONFIG_FILE = "config.json"
 SEED_STATE_FILE = "seed_state.safetensors"
+QC_FILE = "qc.json"
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.json"
 SUMMARY_PNG = "summary.png"
 
-# leading columns of results.parquet (others follow in a stable order)
+#: the QC metrics of a results row (refine_more.config.qc.SCALAR_METRICS, prefixed)
+QC_METRIC_COLUMNS = [f"qc_{m}" for m in SCALAR_METRICS]
+# leading columns of results.parquet (others follow in a stable order). qc_status ("ok" | "flagged")
+# and qc_reasons ("; " between them) judge status-ok rows only; failed rows have None there
 COLUMNS = [
-    "subject_id", "mode", "status", "error", "resumed", "is_seed", "seed_subject", "method", "node", "node_id",
-    "device", "setup_s", "stage1_s", "stage2_s", "total_s", "wall_s", "iterations_stage1",
+    "subject_id", "mode", "status", "qc_status", "qc_reasons", "error", "resumed", "is_seed", "seed_subject",
+    "method", "node", "node_id",
+    "device", "setup_s", "stage1_s", "stage2_s", "total_s", "qc_s", "wall_s", "iterations_stage1",
     "iterations_stage2", "trainable_stage1", "trainable_stage2",
     "loss_final", "loss1_final", "loss2_final", "loss3_final",
-    *[f"{m}_{p}" for p in MAP_NAMES for m in ("nrmse", "ssim")],
+    *[f"{m}_{p}" for p in MAP_NAMES for m in ("nrmse", "ssim")], *QC_METRIC_COLUMNS,
     "mlflow_run_id", "tracking", "config_hash", "subject_path", "input_sha256", "out_dir", "maps_path", "montage_path",
-    "loss_png_path", "history_path", "started_at", "finished_at",
+    "loss_png_path", "history_path", "qc_path", "started_at", "finished_at",
 ]
 
 
@@ -72,6 +79,26 @@ def history_csv(history: list) -> str:
     return buf.getvalue()
 
 
+def qc_columns(report: dict) -> dict:
+    """The QC columns of a results row from a QualityReport's dict (``status``, ``reasons``, ``metrics``)."""
+    return {"qc_status": report["status"], "qc_reasons": "; ".join(report["reasons"]),
+            **{f"qc_{m}": report["metrics"].get(m) for m in SCALAR_METRICS}}
+
+
+def rejudge(row: dict, thresholds) -> dict:
+    """A status-ok ``row`` with its QC status and reasons judged again, from its stored metrics,
+    against ``thresholds`` (a QCConfig): a resumed result meets the thresholds of this run."""
+    if row.get("status") != "ok":
+        return row
+    status, reasons = judge({m: row.get(f"qc_{m}") for m in SCALAR_METRICS}, thresholds)
+    return {**row, "qc_status": status, "qc_reasons": "; ".join(reasons)}
+
+
+def flagged(row: dict) -> bool:
+    """A reconstruction that finished (status ok) but that its QC flagged."""
+    return row.get("status") == "ok" and row.get("qc_status") == FLAGGED
+
+
 def read_done(out_dir, subject_id: str, mode: str) -> Optional[dict]:
     """The row stored in ``done.json`` (None when absent or unreadable)."""
     p = subject_dir(out_dir, subject_id, mode) / DONE
@@ -102,10 +129,11 @@ def rows_frame(rows: list):
     for c in ("resumed", "is_seed"):
         df[c] = df[c].fillna(False).astype(bool)
     num = [c for c in COLUMNS if (c.endswith("_s") or c.startswith(("iterations_", "trainable_", "nrmse_", "ssim_"))
-           or c.endswith("_final") or c in ("started_at", "finished_at"))]
+           or c.endswith("_final") or c in ("started_at", "finished_at", *QC_METRIC_COLUMNS))]
     for c in num:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    for c in ("error", "mlflow_run_id", "tracking", "node", "node_id", "input_sha256", "device", "method", "seed_subject", "config_hash"):
+    for c in ("error", "mlflow_run_id", "tracking", "node", "node_id", "input_sha256", "device", "method", "seed_subject",
+              "config_hash", "qc_status", "qc_reasons"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     order = {m: i for i, m in enumerate(MODES)}
     df["_o"] = df["mode"].map(order)
@@ -127,15 +155,20 @@ def _ratio(num: float, den: float) -> float:
 
 
 def summarize(rows: list) -> dict:
-    """Per mode: counts, mean total_s, mean nRMSE/SSIM per map. With both modes: ``speedup`` (mean
-    scratch total time / mean adapted total time) and ``nrmse_ratio`` (per map, adapted cohort-mean
-    nRMSE / scratch cohort-mean nRMSE); NaN without both modes."""
+    """Per mode: counts (``flagged``: the ok rows that QC flagged, named with their reasons in
+    ``flagged_subjects``), mean total_s, mean nRMSE/SSIM per map (ok rows, flagged ones included).
+    With both modes: ``speedup`` (mean scratch total time / mean adapted total time) and
+    ``nrmse_ratio`` (per map, adapted cohort-mean nRMSE / scratch cohort-mean nRMSE); NaN without
+    both modes."""
     out = {"modes": {}}
     for mode in MODES:
         ok = [r for r in rows if r["mode"] == mode and r["status"] == "ok"]
         if not ok and not any(r["mode"] == mode for r in rows):
             continue
         s = {"ok": len(ok), "failed": sum(r["mode"] == mode and r["status"] == "failed" for r in rows),
+             "flagged": sum(flagged(r) for r in ok),
+             "flagged_subjects": [{"subject_id": r["subject_id"], "reasons": r.get("qc_reasons") or ""}
+                                  for r in sorted(ok, key=lambda r: r["subject_id"]) if flagged(r)],
              "mean_total_s": _mean(r.get("total_s") for r in ok)}
         for p in MAP_NAMES:
             s[f"mean_nrmse_{p}"] = _mean(r.get(f"nrmse_{p}") for r in ok)
@@ -152,20 +185,25 @@ def format_summary(summary: dict, n_subjects: int, wall_s: float) -> str:
     lines = [f"cohort: {n_subjects} subjects in {wall_s:.1f} s"]
     for mode, s in summary["modes"].items():
         nr = "  ".join(f"{p} {s[f'mean_nrmse_{p}']:.1f}%" for p in MAP_NAMES if not math.isnan(s[f"mean_nrmse_{p}"]))
-        lines.append(f"  {mode:8s} ok {s['ok']:3d}  failed {s['failed']:3d}  mean total {s['mean_total_s']:.2f} s"
-                     + (f"  mean nRMSE {nr}" if nr else ""))
+        lines.append(f"  {mode:8s} ok {s['ok']:3d} (QC flagged {s.get('flagged', 0)})  failed {s['failed']:3d}  "
+                     f"mean total {s['mean_total_s']:.2f} s" + (f"  mean nRMSE {nr}" if nr else ""))
     if not math.isnan(summary["speedup"]):
         lines.append(f"  speedup (mean scratch / mean adapted total time): {summary['speedup']:.2f}x")
     ratios = "  ".join(f"{p} {r:.3f}" for p, r in summary.get("nrmse_ratio", {}).items() if not math.isnan(r))
     if ratios:
         lines.append(f"  mean nRMSE adapted / scratch: {ratios}")
+    named = [(mode, f) for mode, s in summary["modes"].items() for f in s.get("flagged_subjects", [])]
+    if named:
+        lines.append("  flagged by QC (finished, but check before use; docs/decisions/017):")
+        lines += [f"    {f['subject_id']}/{mode}: {f['reasons']}" for mode, f in named]
     return "\n".join(lines)
 
 
 def summary_metrics(summary: dict) -> dict:
     """The summary's cohort-level numbers as flat MLflow metrics (NaN ones are not logged)."""
     return {"speedup": summary["speedup"],
-            **{f"nrmse_ratio_{p}": r for p, r in summary.get("nrmse_ratio", {}).items()}}
+            **{f"nrmse_ratio_{p}": r for p, r in summary.get("nrmse_ratio", {}).items()},
+            **{f"n_flagged_{mode}": float(s.get("flagged", 0)) for mode, s in summary["modes"].items()}}
 
 
 @dataclass
@@ -176,7 +214,8 @@ class CohortReport:
     summary_text: str
     wall_s: float
     seed_subject: Optional[str] = None     # the seed the adapted rows used (after any fallback)
-    seed_failures: list = field(default_factory=list)   # {"seed", "error"} of seeds that failed, in order
+    seed_failures: list = field(default_factory=list)   # {"seed", "error"} of seeds not published (failed or
+    #                                                    QC-flagged: "flagged by QC: ..."), in order
     seed_puts: int = 0                 # ray.put calls of the seed state (1 when any adaptation ran)
     n_reconstructed: int = 0           # reconstructions that ran (ok or failed) in this run
     n_resumed: int = 0
@@ -188,3 +227,8 @@ class CohortReport:
     @property
     def n_failed(self) -> int:
         return sum(r["status"] == "failed" for r in self.rows)
+
+    @property
+    def n_flagged(self) -> int:
+        """Finished reconstructions that QC flagged."""
+        return sum(flagged(r) for r in self.rows)

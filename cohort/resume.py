@@ -1,6 +1,6 @@
-"""Whether a finished result on disk may be resumed: its outputs are there and its input is the
-same file (:func:`check_done`, the check :func:`cohort.plan.plan_cohort` applies to every
-``done.json`` whose config and seed already match).
+"""Whether a finished result on disk may be resumed: its outputs are there, it has a quality control
+(rows written before QC are redone) and its input is the same file (:func:`check_done`, the check
+:func:`cohort.plan.plan_cohort` applies to every ``done.json`` whose config and seed already match).
 
 The input digest (:func:`input_digest`, computed by the task and stored in ``done.json``) is the
 subject file's sha256 plus its size and mtime. On a rerun the driver first compares size and, for
@@ -69,6 +69,8 @@ def check_done(out_dir):
         changed = changed_input(row, entry.path)
         if changed:
             return changed, True
+        if not row.get("qc_status"):     # written before QC (docs/decisions/017): never resumed unchecked
+            return "done.json has no quality control (written before QC)", False
         missing = missing_output(row, out_dir, entry.subject_id, mode)
         return (missing, False) if missing else None
     return check

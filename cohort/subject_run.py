@@ -17,8 +17,8 @@ from refine_more.files.names import MAP_NAMES
 
 from . import plots
 from .resume import input_digest
-from .results import (CONFIG_FILE, DONE, MODES, SEED_STATE_FILE, clean, history_csv, json_default, subject_dir,
-                      write_json)
+from .results import (CONFIG_FILE, DONE, MODES, QC_FILE, SEED_STATE_FILE, clean, history_csv,
+                      qc_columns, subject_dir, write_json)
 
 
 def _fresh_dir(odir: Path) -> None:
@@ -40,14 +40,15 @@ def _write_outputs(odir: Path, sid: str, mode: str, subject, result, config) -> 
                            config_hash=result.config_hash, voxel_size_mm=subject.voxel_size_mm)
     write_json(odir / CONFIG_FILE, {"config_hash": config.hash(), "config": config.to_dict()})
     save_inr(odir / INR_FILE, result)          # what `refine-more synthesize` needs
-    title = f"{sid} {mode} ({result.method})"
+    qc_path = write_json(odir / QC_FILE, {**result.qc.to_dict(), "thresholds": vars(config.qc)})
+    title = f"{sid} {mode} ({result.method}), {result.qc.headline()}"
     montage_path = plots.montage(odir / "montage.png", result.maps, subject.reference, result.tissue_mask, title)
     history = [{k: clean(v) for k, v in h.items()} for h in result.history]
     history_path = write_json(odir / "history.json", history)
     atomic_write_text(odir / "history.csv", history_csv(history))
     loss_png = plots.loss_plot(odir / "loss.png", history, title)
     return {"maps_path": str(maps_path), "montage_path": str(montage_path), "loss_png_path": str(loss_png),
-            "history_path": str(history_path), "history": history}
+            "history_path": str(history_path), "qc_path": str(qc_path), "history": history}
 
 
 def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[str], node: Optional[str],
@@ -60,6 +61,7 @@ def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[s
         "is_seed": bool(is_seed), "seed_subject": seed_subject if mode == "adapted" else (sid if is_seed else None),
         "method": result.method, "node": node or socket.gethostname(), "node_id": node_id, "device": result.device,
         "setup_s": t.get("setup"), "stage1_s": t.get("stage1"), "stage2_s": t.get("stage2"), "total_s": t.get("total"),
+        "qc_s": t.get("qc"), **qc_columns(result.qc.to_dict()),
         "iterations_stage1": int(it.get("stage1", 0)), "iterations_stage2": int(it.get("stage2", 0)),
         "trainable_stage1": int(tr.get("stage1", 0)), "trainable_stage2": int(tr.get("stage2", 0)),
         "loss_final": final.get("loss"), "loss1_final": final.get("loss1"),
@@ -112,7 +114,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
     scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
     outputs = _write_outputs(odir, sid, mode, subject, result, config)
-    if save_seed_state:
+    if save_seed_state and not result.qc.flagged:      # a flagged seed is never published (decisions/017)
         from refine_more.reconstruction.adaptation import SeedState
         SeedState.from_result(result).save(odir / SEED_STATE_FILE)
     row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
@@ -139,11 +141,12 @@ def run_subject(path, out_dir, mode: str, config_dict: dict, seed_state=None, *,
 def run_seed(path, out_dir, config_dict: dict, *, subject_id: Optional[str] = None,
              node: Optional[str] = None, node_id: Optional[str] = None) -> tuple:
     """Reconstruct the seed from scratch (outputs under ``<id>/scratch``, plus
-    ``seed_state.safetensors`` for resuming); return ``(row, SeedState numpy dict)``."""
+    ``seed_state.safetensors`` for resuming); return ``(row, SeedState numpy dict)``. A seed that
+    QC flags writes no seed state and returns None for it: the driver falls back to another."""
     from refine_more.reconstruction.adaptation import SeedState
     row, result = reconstruct_subject(path, out_dir, "scratch", config_dict, None, subject_id=subject_id,
                                       is_seed=True, save_seed_state=True, node=node, node_id=node_id)
-    return row, SeedState.from_result(result).to_numpy_dict()
+    return row, None if result.qc.flagged else SeedState.from_result(result).to_numpy_dict()
 
 
 def warm_up(device: str = "cpu") -> dict:

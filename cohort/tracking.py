@@ -5,9 +5,10 @@ Ray resources; inputs: the manifest as a dataset with its digest; system metrics
 machine; metrics: cohort wall time, subjects/hour, counts; artifacts: config.json, results.parquet,
 summary PNG, the seed state) and one nested child run per subject and mode, failed ones included
 (tag ``mlflow.parentRunId``; params: subject, mode, lora_rank, iterations; metrics: stage
-runtimes, loss curves with step = global iteration index, final nRMSE/SSIM; artifacts: montage
-PNG, loss PNG, report.html, maps.h5; the parent's hold the cohort's report.html). A failed
-subject's child run has status FAILED and an ``error`` tag.
+runtimes, loss curves with step = global iteration index, final nRMSE/SSIM, the QC metrics
+``qc_*``; tags ``qc_status`` and ``qc_reasons``; artifacts: montage PNG, loss PNG, qc.json, report.html,
+maps.h5; the parent's hold the cohort's report.html). A failed subject's child run has status FAILED
+and an ``error`` tag.
 
 Resumed (subject, mode) results are not logged again: their rows keep the child run id (and
 tracking state) of the run that produced them, read from the previous ``results.parquet``.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import tracking_system as system
-from .results import CONFIG_FILE, RESULTS_FILE, write_json
+from .results import CONFIG_FILE, QC_METRIC_COLUMNS, RESULTS_FILE, write_json
 
 PARAM_MAX = 6000            # MLflow's param value limit
 BATCH_PARAMS = 100
@@ -295,6 +296,9 @@ class CohortTracker:
             tags["refine_more.synced"] = "true"
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
+        if row.get("qc_status"):        # status-ok rows: docs/decisions/017
+            tags["qc_status"] = row["qc_status"]
+            tags["qc_reasons"] = str(row.get("qc_reasons") or "")[:5000]
         run = self.client.create_run(self.experiment_id, start_time=start,
                                      run_name=f"{row['subject_id']}-{row['mode']}", tags=tags)
         rid = run.info.run_id
@@ -306,7 +310,7 @@ class CohortTracker:
         if lora_rank is not None:
             params["lora_rank"] = lora_rank
         metrics = self._metrics({k: row.get(k) for k in row if k.endswith("_s") or k.startswith(
-            ("loss", "nrmse_", "ssim_"))})
+            ("loss", "nrmse_", "ssim_")) or k in QC_METRIC_COLUMNS})
         curve = []
         if history:
             from mlflow.entities import Metric
@@ -320,7 +324,7 @@ class CohortTracker:
                     params=self._params({k: v for k, v in params.items() if v is not None}))
         if row["status"] == "ok":
             self._artifacts(rid, [row.get("montage_path"), row.get("loss_png_path"), row.get("history_path"),
-                                  row.get("report_path")])
+                                  row.get("report_path"), row.get("qc_path")])
             self._artifacts(rid, [row.get("maps_path")], "maps")
         end = int(1000 * row["finished_at"]) if _finite(row.get("finished_at")) else None
         self.client.set_terminated(rid, status="FINISHED" if row["status"] == "ok" else "FAILED", end_time=end)

@@ -27,7 +27,7 @@ def _done_row(out, sid, mode, path, seed=None):
         f = folder / f"{key[:-5]}.out"
         f.write_text("x")
         paths[key] = str(f)
-    return {"subject_id": sid, "mode": mode, "status": "ok", "config_hash": HASH, "seed_subject": seed,
+    return {"subject_id": sid, "mode": mode, "status": "ok", "qc_status": "ok", "config_hash": HASH, "seed_subject": seed,
             "subject_path": str(path), **input_digest(path), **paths}
 
 
@@ -63,6 +63,17 @@ def test_a_missing_output_is_named(tmp_path):
     os.unlink(row["maps_path"])
     assert missing_output(row, tmp_path / "out", "a", "scratch") == \
         f"maps.out is missing from {subject_dir(tmp_path / 'out', 'a', 'scratch')}"
+
+
+def test_a_row_written_before_quality_control_is_redone(tmp_path):
+    """A result without QC (docs/decisions/017) is never resumed as if it were checked."""
+    p = _subject(tmp_path, "a.h5")
+    row = _done_row(tmp_path / "out", "a", "scratch", p)
+    check = check_done(tmp_path / "out")
+    entry = Entry(subject_id="a", path=str(p))
+    assert check(entry, "scratch", row) is None
+    del row["qc_status"]
+    assert check(entry, "scratch", row) == ("done.json has no quality control (written before QC)", False)
 
 
 def test_plan_redoes_stale_rows_and_a_changed_seed_takes_its_adapted_rows(tmp_path):

@@ -44,7 +44,7 @@ def files(tmp_path_factory):
 
 
 def _qc(path, preset_name="tiny", **kw):
-    return reconstruct(read_subject(path), preset(preset_name).replace(device="cpu"), **kw).qc
+    return reconstruct(read_subject(path), preset(preset_name).replace(device="cpu", progress=False), **kw).qc
 
 
 @pytest.fixture(scope="module")
