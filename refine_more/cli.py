@@ -213,7 +213,7 @@ def _write_recon(out: Path, args, subject, config, result) -> None:
     loss_png(out / "loss.png", result.history, title=subject.subject_id)
     summary = {"subject_id": subject.subject_id, "method": result.method, "config_hash": result.config_hash,
                "timings_s": result.timings, "iterations": result.iterations, "device": result.device,
-               "final_losses": result.final_losses(),
+               "final_losses": result.final_losses(), "warm_start": result.start,
                "qc": {**result.qc.to_dict(), "thresholds": vars(config.qc)}}   # docs/decisions/017
     if ref:
         summary["scores"] = {"refine-more": score_maps(result.maps, ref, result.tissue_mask),

@@ -1,16 +1,47 @@
-"""The classical solver of the refinement's objective from the stage-1 INR: the warm start of the
-learned iterations (docs/decisions/003, 005) and the `classical-*` rows of benchmarks/refinement.py."""
+"""The classical solver of the refinement's objective: the warm start of the learned iterations
+(docs/decisions/003, 005) and the `classical-*` rows of benchmarks/refinement.py. It starts from the
+stage-1 INR, from the voxel-wise fit of the locally low-rank images, or from both, keeping the
+lower objective on the acquired k-space (`unroll.start`, docs/decisions/020)."""
 from __future__ import annotations
 
 import torch
 
+from refine_more.baselines.fitting import fit_images
+from refine_more.baselines.llr import llr_reconstruct
+
+
+def llr_start(physics, config) -> tuple:
+    """(LLR images (T, Z, Y, X) of the normalised data, their voxel-wise fit as map channels):
+    the classical baseline, with the same (virtual) coils as the run."""
+    images, _ = llr_reconstruct(physics.kspace, physics.A.coil_sens, physics.subject.mask,
+                                device=physics.kspace.device)
+    fit = fit_images(images, physics.subject.protocol, b1=physics.b1, tissue_mask=physics.tissue,
+                     k_band=config.k_band)
+    maps = {k: torch.from_numpy(fit[k]).to(physics.kspace.device) for k in ("I0", "T1F", "f", "k")}
+    return images, physics.scaling.to_channels(maps)
+
 
 def classical_minimum(run, objective=None, inr_state=None):
-    """(q, z): the classical solver's minimum of `objective` (the run's by default) from the
-    stage-1 INR of `run` (recon.ReconRun), detached: no gradient reaches the INR through it.
+    """(q, z): the classical solver's minimum of `objective` (the run's by default), detached: no
+    gradient reaches the INR through it. Starts as `run.config.unroll.start` says; with 'best' it
+    solves from the INR and from the LLR fit and keeps the lower objective (ties: the INR), and
+    records both values in ``run.start_choice``.
     `inr_state`: the (W, Q⁽⁰⁾) of ``run.inr_state`` when the caller has it (saves an INR forward)."""
     objective = objective or run.objective
-    W, c0 = inr_state if inr_state is not None else run.inr_state(backward=False)[:2]
+    which = run.config.unroll.start
+    starts = {}
+    if which in ("inr", "best"):
+        W, c0 = inr_state if inr_state is not None else run.inr_state(backward=False)[:2]
+        starts["inr"] = (c0.detach(), run.physics.background_phase(W))
+    if which in ("llr", "best"):
+        images, channels = run.llr()
+        starts["llr"] = (channels, run.physics.background_phase(images))
+    solved, values = {}, {}
     with torch.no_grad():
-        return run.unrolled.warm_start(objective.start(c0.detach()), objective,
-                                       run.physics.background_phase(W), run.physics.tissue)
+        for name, (c, z) in starts.items():
+            q, zz = run.unrolled.warm_start(objective.start(c), objective, z, run.physics.tissue)
+            solved[name], values[name] = (q, zz), float(objective.value(q, zz))
+    finite = {k: v for k, v in values.items() if v == v and abs(v) != float("inf")}
+    chosen = min(finite, key=lambda k: (finite[k], k != "inr")) if finite else next(iter(solved))
+    run.start_choice = {"start": chosen, **{f"objective_{k}": v for k, v in values.items()}}
+    return solved[chosen]

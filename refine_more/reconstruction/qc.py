@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from refine_more.baselines.fitting import fit_images
-from refine_more.baselines.llr import llr_reconstruct
 from refine_more.config.qc import FLAGGED, SCALAR_METRICS, judge  # noqa: F401 (SCALAR_METRICS re-exported)
+from refine_more.reconstruction.classical import llr_start  # noqa: F401 (re-exported: benchmarks use qc.llr_start)
 
 
 @dataclass
@@ -54,21 +53,22 @@ class QualityReport:
         return "QC FLAGGED (" + ", ".join(r.split(" ")[0] for r in self.reasons) + ")"
 
 
-def assess(physics, channels: torch.Tensor, phase, config) -> QualityReport:
+def assess(physics, channels: torch.Tensor, phase, config, llr=None) -> QualityReport:
     """The QC of the maps `channels` (4, Z, Y, X) whose images have the phase `phase` (the
-    objective's nuisance variable), against the thresholds ``config.qc``."""
-    metrics = measure(physics, channels, phase, config)
+    objective's nuisance variable), against the thresholds ``config.qc``. `llr`: the run's
+    ``classical.llr_start`` when it already has it (computed here otherwise)."""
+    metrics = measure(physics, channels, phase, config, llr)
     status, reasons = judge(metrics, config.qc)
     return QualityReport(status, reasons, metrics)
 
 
 @torch.no_grad()
-def measure(physics, channels: torch.Tensor, phase, config) -> dict:
+def measure(physics, channels: torch.Tensor, phase, config, llr=None) -> dict:
     """The QC metrics (see the module docstring) of `channels` with the images' phase `phase`."""
     steps, damping = config.qc.phase_steps, config.unroll.gn_damping
     channels = channels.detach()
     final = _squared_residuals(physics, _model_images(physics, channels, phase, steps, damping))
-    images, start_channels = llr_start(physics, config)
+    images, start_channels = llr if llr is not None else llr_start(physics, config)
     start_phase = physics.background_phase(images)
     start = _squared_residuals(physics, _model_images(physics, start_channels, start_phase, steps, damping))
     free = _squared_residuals(physics, images)
@@ -88,16 +88,6 @@ def measure(physics, channels: torch.Tensor, phase, config) -> dict:
         "image_residuals": [float(v) for v in final / np.maximum(image_energy, 1e-300)],
         "image_residual_ratios": [float(v) for v in ratios],
     }
-
-
-def llr_start(physics, config) -> tuple:
-    """(LLR images (T, Z, Y, X) of the normalised data, their voxel-wise fit as map channels)."""
-    images, _ = llr_reconstruct(physics.kspace, physics.A.coil_sens, physics.subject.mask,
-                                device=physics.kspace.device)
-    fit = fit_images(images, physics.subject.protocol, b1=physics.b1, tissue_mask=physics.tissue,
-                     k_band=config.k_band)
-    maps = {k: torch.from_numpy(fit[k]).to(physics.kspace.device) for k in ("I0", "T1F", "f", "k")}
-    return images, physics.scaling.to_channels(maps)
 
 
 def _model_images(physics, channels, phase, steps: int, damping: float) -> torch.Tensor:

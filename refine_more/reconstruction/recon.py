@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from refine_more.reconstruction.classical import classical_minimum
+from refine_more.reconstruction.classical import classical_minimum, llr_start
 from refine_more.config import ReconConfig
 from refine_more.config.checks import check_subject
 from refine_more.networks.inr import INR
@@ -55,6 +55,7 @@ class Result:
     state: object = None             # the models, for building a SeedState (not serialised)
     diagnostics: dict = field(default_factory=dict)   # what a report shows beside the maps (diagnostics.py)
     qc: object = None                # qc.QualityReport: the final maps checked against the data alone
+    start: dict = field(default_factory=dict)   # where the warm start started ('inr' | 'llr') and its objectives
 
     def final_losses(self) -> dict:
         return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
@@ -88,6 +89,18 @@ class ReconRun:
     done: dict = field(default_factory=dict)
     bar: object = None
     final_phase: object = None       # the refinement's last nuisance (φ₀, δ_t): the report's residual
+    start_choice: dict = field(default_factory=dict)   # the warm start's start and objectives (classical.py)
+    _llr: object = None              # (LLR images, their fit's channels), computed once (classical.llr_start)
+
+    def llr(self) -> tuple:
+        """The LLR images and their voxel-wise fit, computed once: the warm start's 'llr' start and
+        QC's reference point share them (timed as ``timings['llr']``)."""
+        if self._llr is None:
+            t = time.perf_counter()
+            with torch.no_grad():
+                self._llr = llr_start(self.physics, self.config)
+            self.timings["llr"] = self.timings.get("llr", 0.0) + time.perf_counter() - t
+        return self._llr
 
     @property
     def chunk(self) -> int:
@@ -297,7 +310,7 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
     trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
     t_qc = time.perf_counter()
     phase = run.final_phase if run.final_phase is not None else prob.background_phase(W)
-    report = assess(prob, final, phase, run.config)
+    report = assess(prob, final, phase, run.config, llr=run._llr)
     run.timings["qc"] = time.perf_counter() - t_qc
     diag = _diagnostics(run, final, W, maps) if diagnostics else {}
     return Result(
@@ -308,7 +321,7 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
         config_hash=run.config.hash(), device=str(resolve_device(run.config.device)), trainable_parameters=trainable,
         b1_source=prob.b1_source, state={"inr": run.inr, "unrolled": run.unrolled, "config": run.config,
                                          "data_scale": prob.data_scale},
-        diagnostics=diag, qc=report,
+        diagnostics=diag, qc=report, start=dict(run.start_choice),
     )
 
 

@@ -2,6 +2,7 @@
 valid subject becomes the seed, the log and summary.json say so, and every adapted subject is
 adapted from it. In mode both the new seed's own scratch task is in flight: its seed run follows it."""
 import json
+import re
 import os
 import signal
 import threading
@@ -107,6 +108,14 @@ def test_a_seed_flagged_by_qc_falls_back_and_stays_unpublished_on_a_rerun(local_
     assert rep.n_flagged == 2
     assert f"    sub-001/adapted: {adapted.loc['sub-001', 'qc_reasons']}" in rep.summary_text.splitlines()
     assert rep.summary_text in lines
+    # the reports (issue: reports people look at): marked in the cohort's table, explained in its own
+    cohort_html = (out / "report.html").read_text()
+    marked = set(re.findall(r'<tr class="subject qc-flagged[^"]*" data-subject="([^"]+)"[^>]*data-qc="flagged"', cohort_html))
+    assert marked == {"sub-001"}, marked
+    for mode in ("scratch", "adapted"):
+        own = (subject_dir(out, "sub-001", mode) / "report.html").read_text()
+        assert "QC flagged" in own and "image_residual_ratio" in own
+    assert "QC flagged" not in (subject_dir(out, "sub-002", "adapted") / "report.html").read_text()
 
     lines.clear()
     rerun = run_cohort(data / "manifest.parquet", out, mode="adapted", config=tiny_config, progress=False,
