@@ -10,6 +10,12 @@ and the FFT floor: one pass of A and Aᴴ over all images with the acquired coil
 
     python benchmarks/scaling.py [--sizes 6x32x32 12x64x64 24x88x88 48x176x176] [--coils 20]
                                  [--preset small] [--set KEY=VALUE]... [--threads 2] [--no-adapted]
+    python benchmarks/scaling.py --from-cohort DIR [--rss RSS.json] [--threads 2]
+
+`--from-cohort` makes rows of a finished `refine-more cohort run` (the real product path: Ray,
+MLflow, reports; its seed's scratch run and every adapted run), adding the LLR fit and the FFT
+floor of the seed's subject; peak RSS from a sampler's JSON (`{"peak_per_process_GiB": {...}}`,
+the largest Ray task process), since a Ray worker's RSS is not the driver's.
 
 Writes benchmarks/results/scaling.{json,md,png}; each row is saved as soon as it is complete, and a
 rerun skips the rows already there for the same preset and overrides (delete the file to redo).
@@ -265,6 +271,58 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
+    """Rows of a finished cohort run: one per ok (subject, mode), each with the LLR fit of its
+    subject (computed here, with the run's virtual coils) and the FFT floor."""
+    import h5py
+    import pandas as pd
+
+    from refine_more.config import ReconConfig
+
+    df = pd.read_parquet(cohort / "results.parquet")
+    config = ReconConfig.from_dict(json.loads((cohort / "config.json").read_text())["config"])
+    peak = None
+    if rss_json:
+        per = json.loads(Path(rss_json).read_text())["peak_per_process_GiB"]
+        tasks = [v for k, v in per.items() if "ray::" in k]
+        peak = max(tasks) if tasks else None
+    llr, floor, rows = {}, {}, []
+    for r in df[df.status == "ok"].itertuples():
+        with h5py.File(r.subject_path, "r") as fh:
+            T, C, *shape = fh["kspace"].shape           # the spec's (T, C, Z, Y, X)
+        base = {"threads": threads, "subject": r.subject_path}
+        if r.subject_path not in llr:
+            llr[r.subject_path] = run_step("llr", {**base, "k_band": list(config.k_band),
+                                                   "coil_compression": config.coil_compression}, log)
+            floor[r.subject_path] = run_step("fft_floor", base, log)
+        per_it = {"stage1": r.stage1_s / max(r.iterations_stage1, 1), "stage2": r.stage2_s / max(r.iterations_stage2, 1)}
+        nrmse = {m: round(float(getattr(r, f"nrmse_{m}")), 3) for m in MAPS}
+        ll = llr[r.subject_path]["llr_nrmse"]
+        fl = floor[r.subject_path]["fft_floor_s"]
+        rows.append({
+            "matrix": [int(n) for n in shape], "coils": int(C), "images": int(T), "mode": r.mode, "subject": r.subject_id,
+            "is_seed": bool(r.is_seed), "preset": "large" if config.hash() == _preset_hash("large") else "custom",
+            "overrides": [], "threads": threads, "voxels_images_coils": int(np.prod(shape)) * int(T) * int(C),
+            "wall_s": float(r.total_s), "task_wall_s": float(r.wall_s), "qc_s": float(r.qc_s),
+            "peak_rss_GiB": peak, "peak_rss_note": "largest Ray task process over the whole run (sampled every 2 s)",
+            "s_per_iteration": per_it, "s_per_iteration_note": "stage 2 includes the LLR images and the warm start",
+            "timings_s": {"setup": r.setup_s, "stage1": r.stage1_s, "stage2": r.stage2_s, "total": r.total_s, "qc": r.qc_s},
+            "iterations": {"stage1": int(r.iterations_stage1), "stage2": int(r.iterations_stage2)},
+            "nrmse": nrmse, "llr_nrmse": ll, "llr_s": llr[r.subject_path]["llr_s"],
+            "ratio_to_llr": {m: nrmse[m] / ll[m] for m in MAPS}, "fft_floor_s": fl,
+            "over_fft_floor": {k: v / fl for k, v in per_it.items()}, "config_hash": r.config_hash,
+            "qc_status": r.qc_status, "warm_start_from": getattr(r, "warm_start_from", None),
+            "schedule": "preset", "complete": True, "wall_s_at_preset_schedule": float(r.total_s),
+            "source": f"refine-more cohort run ({cohort.name})", "load_average": list(os.getloadavg())})
+        log(f"  {r.subject_id}/{r.mode}: {r.total_s:.0f} s, T1F {nrmse['T1F']:.2f} % (LLR {ll['T1F']:.2f} %)")
+    return rows
+
+
+def _preset_hash(name: str) -> str:
+    from refine_more.config import preset
+    return preset(name).hash()
+
+
 def parse_size(text: str) -> tuple:
     parts = tuple(int(v) for v in text.lower().split("x"))
     if len(parts) != 3:
@@ -287,12 +345,23 @@ def main(argv=None) -> int:
                    help="time a short schedule (PROBE) and extrapolate the wall time to the preset's schedule")
     p.add_argument("--out", default=str(RESULTS / "scaling"))
     p.add_argument("--work", default=None, help="folder for the simulated subjects (default: a temporary one)")
+    p.add_argument("--from-cohort", default=None, metavar="DIR", help="rows from a finished cohort run's folder")
+    p.add_argument("--rss", default=None, help="with --from-cohort: a process RSS sampler's JSON")
     a = p.parse_args(argv)
     out = Path(a.out)
     doc = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if a.from_cohort:
+        rows = rows_from_cohort(Path(a.from_cohort), a.rss, a.threads, log)
+        keys = {(tuple(r["matrix"]), r["mode"], r["subject"], r["config_hash"]) for r in rows}
+        doc["rows"] = [r for r in doc["rows"]
+                       if (tuple(r["matrix"]), r["mode"], r.get("subject"), r["config_hash"]) not in keys] + rows
+        doc["rows"].sort(key=lambda r: (r["preset"], " ".join(r["overrides"]), r["voxels_images_coils"], r["mode"]))
+        write_outputs(doc, out)
+        return 0
 
     for matrix in a.sizes:
         done = [r for r in doc["rows"] if r["matrix"] == list(matrix) and r["preset"] == a.preset

@@ -113,6 +113,9 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
                          track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True)
     reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
     scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
+    if reference:   # the stage-1 INR's own maps Q⁽⁰⁾ (the "INR-only" ablation), beside the result's
+        scores.update({f"inr_{k}": v for k, v in score_maps(result.maps_init, reference, result.tissue_mask,
+                                                             flat=True, with_ssim=False).items()})
     outputs = _write_outputs(odir, sid, mode, subject, result, config)
     if save_seed_state and not result.qc.flagged:      # a flagged seed is never published (decisions/017)
         from refine_more.reconstruction.adaptation import SeedState
