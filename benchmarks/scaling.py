@@ -292,9 +292,10 @@ def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
             T, C, *shape = fh["kspace"].shape           # the spec's (T, C, Z, Y, X)
         base = {"threads": threads, "subject": r.subject_path}
         if r.subject_path not in llr:
-            llr[r.subject_path] = run_step("llr", {**base, "k_band": list(config.k_band),
-                                                   "coil_compression": config.coil_compression}, log)
-            floor[r.subject_path] = run_step("fft_floor", base, log)
+            llr[r.subject_path] = _cached(cohort / f"scaling-llr-{r.subject_id}.json", lambda: run_step(
+                "llr", {**base, "k_band": list(config.k_band), "coil_compression": config.coil_compression}, log))
+            floor[r.subject_path] = _cached(cohort / f"scaling-fft-floor-{r.subject_id}.json",
+                                            lambda: run_step("fft_floor", base, log))
         per_it = {"stage1": r.stage1_s / max(r.iterations_stage1, 1), "stage2": r.stage2_s / max(r.iterations_stage2, 1)}
         nrmse = {m: round(float(getattr(r, f"nrmse_{m}")), 3) for m in MAPS}
         ll = llr[r.subject_path]["llr_nrmse"]
@@ -316,6 +317,15 @@ def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
             "source": f"refine-more cohort run ({cohort.name})", "load_average": list(os.getloadavg())})
         log(f"  {r.subject_id}/{r.mode}: {r.total_s:.0f} s, T1F {nrmse['T1F']:.2f} % (LLR {ll['T1F']:.2f} %)")
     return rows
+
+
+def _cached(path: Path, compute) -> dict:
+    """A step's answer kept beside the cohort (`python scaling.py _step NAME ARGS > path` also fills it)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    out = compute()
+    path.write_text(json.dumps(out, default=float))
+    return out
 
 
 def _preset_hash(name: str) -> str:

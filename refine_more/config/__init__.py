@@ -77,37 +77,26 @@ class UnrollConfig:
     """'gauss-newton': steps along H⁻¹∇g (docs/decisions/002); 'none': the paper's plain ∇g (eq. 8)."""
     gn_damping: float = 1e-2        # Levenberg damping, relative to the mean diagonal of H
     """Levenberg damping of the Gauss–Newton matrix, relative to its mean diagonal."""
-    # refine the images' phase (the INR's, held fixed otherwise) by a Gauss–Newton step per phase
     refine_phase: bool = True
     """Refine the background image phase φ₀ during the refinement (docs/decisions/007)."""
     phase_steps: int = 1            # phase steps before each map step
     """Background-phase steps before each map step."""
-    # each image's own phase deviation δ_t from the shared background phase (B0 drift, motion):
-    # a polynomial of this degree in (z, y, x) per image (image_phase.py); −1: none (one shared φ₀)
     image_phase_order: int = -1
-    """Degree of each image's own polynomial phase deviation from φ₀; −1: none."""
-    # unlearned descent steps on the data term before the K learned iterations (unrolled.descend);
-    # 0 is the paper's unroll, which starts the learned iterations at the INR's maps
+    """Degree of each image's own polynomial phase deviation δ_t from φ₀ (B0 drift, motion; image_phase.py); −1: none."""
     warm_start_steps: int = 0
     """Unlearned descent (or L-BFGS) iterations before the learned ones; 0 is the paper (docs/decisions/003)."""
-    # how the warm start minimises: "descent" (`warm_start_steps` monotone Gauss–Newton steps with
-    # the phase steps between them, unrolled.descend) or "lbfgs" (16 of those, then
-    # `warm_start_steps` L-BFGS iterations jointly over maps and phase, unrolled.quasi_newton)
     warm_start_solver: Literal["descent", "lbfgs"] = "descent"
-    """How the warm start minimises: 'descent' (monotone Gauss–Newton steps) or 'lbfgs' (docs/decisions/005)."""
-    # where the warm start starts: the stage-1 INR's maps and phase (the paper's only start), the
-    # voxel-wise fit of the locally low-rank images with their phase (the classical baseline, never
-    # catastrophic), or both, keeping the lower objective on the acquired k-space (never the truth)
+    """How the warm start minimises: 'descent' (monotone Gauss–Newton steps, unrolled.descend) or 'lbfgs'
+    (16 of those, then L-BFGS jointly over maps and phase, unrolled.quasi_newton; docs/decisions/005)."""
     start: Literal["inr", "llr", "best"] = "inr"
-    """Where the warm start starts: 'inr', 'llr' (LLR-fit maps) or 'best' of both by objective (docs/decisions/020)."""
+    """Where the warm start starts: 'inr' (the stage-1 INR, the paper's only start), 'llr' (the voxel-wise fit of
+    the LLR images) or 'best' (both; the lower objective on the acquired k-space is kept; docs/decisions/020)."""
     # ρ per map (I0, T1F, f, k) of an explicit quadratic smoothness prior added to the refinement's
     # objective (priors.MapSmoothness; weights relative to the data term's curvature), which then
     # starts from sign-canonical channels. All 0 is the paper: the data term alone (over-fitted by
     # a long warm-start descent), the INR's channels as they are.
     map_smoothness: tuple = (0.0, 0.0, 0.0, 0.0)
     """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
-    # δ per map channel of that prior: > 0 makes its penalty pseudo-Huber (quadratic below δ,
-    # linear above it: edges between tissues are kept, as with total variation); 0 keeps it quadratic
     map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
     """δ per map of that prior: > 0 makes its penalty pseudo-Huber (edges kept); 0 keeps it quadratic."""
     training: Literal["full", "self-supervised"] = "full"
@@ -319,12 +308,9 @@ def preset(name: str) -> ReconConfig:
             adapt=AdaptConfig(lora_rank=4, iters_stage1=60, iters_stage2=25, plateau_patience=5),
         )
     if name == "large":
-        # docs/decisions/019: virtual coils and one image per stage-1 iteration keep `small`'s maps
-        # for less work. docs/decisions/020: at real size the time goes to the phase steps and the
-        # learned iterations' exact backprop; the warm start solves from the LLR fit as well as the
-        # INR (the LLR images are computed once, QC reuses them), and its 32 L-BFGS iterations move
-        # the phase jointly with the maps, so one phase step per map step and one learned iteration
-        # keep the maps (12×64×64, 20 coils: T1F / f 3.54 / 4.21 % against the probe's 3.28 / 4.19 %)
+        # decision 019: virtual coils, one image per stage-1 iteration. 020: from the better of the INR
+        # and LLR starts, 32 L-BFGS iterations (phase and maps jointly) make one phase step and K = 1
+        # enough (12×64×64, 20 coils: T1F / f 3.54 / 4.21 % against the 4-phase-step probe's 3.28 / 4.19 %)
         small = preset("small")
         return small.replace(
             coil_compression=0.99, stage1_images=1, iters_stage1=40, iters_stage2=5,
