@@ -10,7 +10,7 @@ and the FFT floor: one pass of A and Aᴴ over all images with the acquired coil
 
     python benchmarks/scaling.py [--sizes 6x32x32 12x64x64 24x88x88 48x176x176] [--coils 20]
                                  [--preset small] [--set KEY=VALUE]... [--threads 2] [--no-adapted]
-    python benchmarks/scaling.py --from-cohort DIR [--rss RSS.json] [--threads 2]
+    python benchmarks/scaling.py --from-cohort DIR [DIR...] [--rss RSS.json] [--threads 2]
 
 `--from-cohort` makes rows of a finished `refine-more cohort run` (the real product path: Ray,
 MLflow, reports; its seed's scratch run and every adapted run), adding the LLR fit and the FFT
@@ -271,15 +271,25 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
-    """Rows of a finished cohort run: one per ok (subject, mode), each with the LLR fit of its
-    subject (computed here, with the run's virtual coils) and the FFT floor."""
+def rows_from_cohort(cohorts: list, rss_json, threads: int, log) -> list:
+    """Rows of finished cohort runs (a seed's run and, e.g., a `--seed-from` run adapting from it):
+    one per ok (subject, mode), each with the LLR fit of its subject (a run's own LLR start when it
+    recorded one, `llr_nrmse_*`: the same fit; else computed here with the run's virtual coils) and
+    the FFT floor."""
     import h5py
     import pandas as pd
 
     from refine_more.config import ReconConfig
 
-    df = pd.read_parquet(cohort / "results.parquet")
+    frames = []
+    for cohort in cohorts:
+        one = pd.read_parquet(cohort / "results.parquet")
+        one["cohort_dir"] = str(cohort)
+        frames.append(one)
+    df = pd.concat(frames, ignore_index=True)
+    if "llr_nrmse_T1F" in df:      # rows that carry the LLR fit first: the others of the subject reuse it
+        df = df.assign(_has=df["llr_nrmse_T1F"].notna()).sort_values("_has", ascending=False, kind="stable")
+    cohort = cohorts[0]
     config = ReconConfig.from_dict(json.loads((cohort / "config.json").read_text())["config"])
     peak = None
     if rss_json:
@@ -291,9 +301,14 @@ def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
         with h5py.File(r.subject_path, "r") as fh:
             T, C, *shape = fh["kspace"].shape           # the spec's (T, C, Z, Y, X)
         base = {"threads": threads, "subject": r.subject_path}
+        from_run = {m: float(getattr(r, f"llr_nrmse_{m}")) for m in MAPS if hasattr(r, f"llr_nrmse_{m}")
+                    and getattr(r, f"llr_nrmse_{m}") == getattr(r, f"llr_nrmse_{m}")}
+        if r.subject_path not in llr and len(from_run) >= 3:   # the run's own LLR start: the same fit
+            llr[r.subject_path] = {"llr_nrmse": from_run, "llr_s": None, "source": "the run's LLR start"}
         if r.subject_path not in llr:
             llr[r.subject_path] = _cached(cohort / f"scaling-llr-{r.subject_id}.json", lambda: run_step(
                 "llr", {**base, "k_band": list(config.k_band), "coil_compression": config.coil_compression}, log))
+        if r.subject_path not in floor:
             floor[r.subject_path] = _cached(cohort / f"scaling-fft-floor-{r.subject_id}.json",
                                             lambda: run_step("fft_floor", base, log))
         per_it = {"stage1": r.stage1_s / max(r.iterations_stage1, 1), "stage2": r.stage2_s / max(r.iterations_stage2, 1)}
@@ -310,11 +325,11 @@ def rows_from_cohort(cohort: Path, rss_json, threads: int, log) -> list:
             "timings_s": {"setup": r.setup_s, "stage1": r.stage1_s, "stage2": r.stage2_s, "total": r.total_s, "qc": r.qc_s},
             "iterations": {"stage1": int(r.iterations_stage1), "stage2": int(r.iterations_stage2)},
             "nrmse": nrmse, "llr_nrmse": ll, "llr_s": llr[r.subject_path]["llr_s"],
-            "ratio_to_llr": {m: nrmse[m] / ll[m] for m in MAPS}, "fft_floor_s": fl,
+            "ratio_to_llr": {m: nrmse[m] / ll[m] for m in MAPS if m in ll}, "fft_floor_s": fl,
             "over_fft_floor": {k: v / fl for k, v in per_it.items()}, "config_hash": r.config_hash,
             "qc_status": r.qc_status, "warm_start_from": getattr(r, "warm_start_from", None),
             "schedule": "preset", "complete": True, "wall_s_at_preset_schedule": float(r.total_s),
-            "source": f"refine-more cohort run ({cohort.name})", "load_average": list(os.getloadavg())})
+            "source": f"refine-more cohort run ({r.cohort_dir})", "load_average": list(os.getloadavg())})
         log(f"  {r.subject_id}/{r.mode}: {r.total_s:.0f} s, T1F {nrmse['T1F']:.2f} % (LLR {ll['T1F']:.2f} %)")
     return rows
 
@@ -355,7 +370,7 @@ def main(argv=None) -> int:
                    help="time a short schedule (PROBE) and extrapolate the wall time to the preset's schedule")
     p.add_argument("--out", default=str(RESULTS / "scaling"))
     p.add_argument("--work", default=None, help="folder for the simulated subjects (default: a temporary one)")
-    p.add_argument("--from-cohort", default=None, metavar="DIR", help="rows from a finished cohort run's folder")
+    p.add_argument("--from-cohort", nargs="+", default=None, metavar="DIR", help="rows from finished cohort runs' folders")
     p.add_argument("--rss", default=None, help="with --from-cohort: a process RSS sampler's JSON")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -365,7 +380,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     if a.from_cohort:
-        rows = rows_from_cohort(Path(a.from_cohort), a.rss, a.threads, log)
+        rows = rows_from_cohort([Path(d) for d in a.from_cohort], a.rss, a.threads, log)
         keys = {(tuple(r["matrix"]), r["mode"], r["subject"], r["config_hash"]) for r in rows}
         doc["rows"] = [r for r in doc["rows"]
                        if (tuple(r["matrix"]), r["mode"], r.get("subject"), r["config_hash"]) not in keys] + rows

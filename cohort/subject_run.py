@@ -116,6 +116,8 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     if reference:   # the stage-1 INR's own maps Q⁽⁰⁾ (the "INR-only" ablation), beside the result's
         scores.update({f"inr_{k}": v for k, v in score_maps(result.maps_init, reference, result.tissue_mask,
                                                              flat=True, with_ssim=False).items()})
+        # the LLR fit, when the warm start computed it (unroll.start llr | best): the classical baseline
+        scores.update({f"llr_nrmse_{k}": v for k, v in result.start.get("llr_nrmse", {}).items()})
     outputs = _write_outputs(odir, sid, mode, subject, result, config)
     if save_seed_state and not result.qc.flagged:      # a flagged seed is never published (decisions/017)
         from refine_more.reconstruction.adaptation import SeedState

@@ -44,4 +44,6 @@ def classical_minimum(run, objective=None, inr_state=None):
     finite = {k: v for k, v in values.items() if v == v and abs(v) != float("inf")}
     chosen = min(finite, key=lambda k: (finite[k], k != "inr")) if finite else next(iter(solved))
     run.start_choice = {"start": chosen, **{f"objective_{k}": v for k, v in values.items()}}
+    if "llr" in starts and run.reference:   # the LLR fit is the classical baseline: its score, for the record only
+        run.start_choice["llr_nrmse"] = run._score(starts["llr"][0], "")
     return solved[chosen]

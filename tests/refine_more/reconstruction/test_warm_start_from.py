@@ -26,11 +26,14 @@ def runs(subject):
 
 def test_best_keeps_the_lower_objective_of_both_solves(runs):
     best = runs["best"].start
-    assert set(best) == {"start", "objective_inr", "objective_llr"}
+    assert set(best) == {"start", "objective_inr", "objective_llr", "llr_nrmse"}
     assert best["start"] == min(("inr", "llr"), key=lambda k: best[f"objective_{k}"])
     # each single start solves the same problem from the same point as its half of 'best'
     assert runs["inr"].start == {"start": "inr", "objective_inr": pytest.approx(best["objective_inr"], rel=1e-5)}
-    assert runs["llr"].start == {"start": "llr", "objective_llr": pytest.approx(best["objective_llr"], rel=1e-5)}
+    assert runs["llr"].start["objective_llr"] == pytest.approx(best["objective_llr"], rel=1e-5)
+    # the LLR fit's own score (the classical baseline, recorded when the reference is tracked)
+    assert runs["llr"].start["llr_nrmse"] == pytest.approx(best["llr_nrmse"], rel=1e-5)
+    assert set(best["llr_nrmse"]) == {"T1F", "f", "kF"} and all(0 < v < 100 for v in best["llr_nrmse"].values())
     chosen = runs[best["start"]]
     for m in ("T1F", "f"):
         np.testing.assert_allclose(runs["best"].maps[m], chosen.maps[m], rtol=1e-4, atol=1e-6)
