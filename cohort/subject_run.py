@@ -105,7 +105,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     started = time.time()
     config = ReconConfig.from_dict(config_dict)
     inputs = input_digest(path)
-    subject = read_subject(path)
+    subject = read_subject(path, load_reference="maps")   # scores need the maps; kspace_full is as large as the data
     sid = subject_id or subject.subject_id
     odir = subject_dir(out_dir, sid, mode)
     _fresh_dir(odir)

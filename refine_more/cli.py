@@ -153,7 +153,7 @@ def _recon(args):
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     check_out_dir(args.out)
-    subject = read_subject(args.file)
+    subject = read_subject(args.file, load_reference="maps")   # not kspace_full: as large as the data
     result = reconstruct(subject, config, diagnostics=True)
     with _staged(Path(args.out)) as out:
         _write_recon(out, args, subject, config, result)

@@ -111,11 +111,12 @@ def validate_subject_headers(path) -> list[str]:
     return P.lines
 
 
-def read_subject(path, *, load_reference: bool = True) -> Subject:
+def read_subject(path, *, load_reference: bool | str = True) -> Subject:
     """Read and completely validate a subject file.
 
     Raises :class:`SubjectFormatError` listing every problem found. With
-    ``load_reference=False`` the ``reference/*`` members are checked (dtype, shape) but not read.
+    ``load_reference=False`` the ``reference/*`` members are checked (dtype, shape) but not read;
+    ``"maps"`` reads the reference maps and labels but not ``kspace_full`` (as large as the k-space).
     A missing ``b1`` is taken as 1 (``subject.b1`` stays ``None``; ``notes`` says so); a missing
     ``tissue_mask`` stays ``None`` (use :func:`refine_more.physics.tissue.derive_tissue_mask`).
     """

@@ -287,8 +287,8 @@ def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool, read: 
             continue
         if name == "labels":
             label_names = _label_names(ds, full, P, notes)
-        if not _stored(ds, full, P) or not (load and read):
-            continue
+        if not _stored(ds, full, P) or not (load and read) or (load == "maps" and name == "kspace_full"):
+            continue        # "maps": what scoring needs, not the fully sampled k-space (as large as the data)
         arr = _read(ds, full, P)
         if arr is not None and _reference_value(arr, name, full, label_names, P):
             reference[name] = arr
