@@ -93,7 +93,7 @@ def step_recon(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     config = _config(a)
-    subject = read_subject(a["subject"])
+    subject = read_subject(a["subject"], load_reference="maps")
     seed = SeedState.load(a["seed_state"]) if a.get("adapted") else None
     t0 = time.perf_counter()
     result = reconstruct(subject, config, seed, track_reference=False)
@@ -122,7 +122,7 @@ def step_llr(a: dict) -> dict:
     from refine_more.physics.tissue import derive_tissue_mask
 
     torch.set_num_threads(a["threads"])
-    subject = read_subject(a["subject"])
+    subject = read_subject(a["subject"], load_reference="maps")
     t0 = time.perf_counter()
     coils = coil_maps_for(subject)
     tissue = derive_tissue_mask(subject)
