@@ -73,6 +73,7 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
     assert df.report_path.notna().all() and (df.report_s > 0).all() and (df.diagnostics_s > 0).all()
     cohort_page = (out / "report.html").read_text()
     assert all(f'href="{s}/{m}/report.html"' in cohort_page for s, m in zip(df.subject_id, df["mode"]))
+    _opens_offline_in_chromium(out / "report.html", set(df.subject_id), tmp_path)
     assert rep.summary["speedup"] > 0 and all(r > 0 for r in rep.summary["nrmse_ratio"].values())
     stored = json.loads((out / SUMMARY_FILE).read_text())
     assert stored["speedup"] == pytest.approx(rep.summary["speedup"]) and "nrmse_ratio" in stored
@@ -108,6 +109,22 @@ def test_cohort_both_modes(local_ray, sim_cohort, tiny_config, tmp_path, monkeyp
 
 
 # -- resume and failure isolation ------------------------------------------------------------------
+def _opens_offline_in_chromium(path, subjects: set, tmp_path):
+    """The real run's cohort report in headless Chromium, network off (tests/report_pages.py): not
+    blank, every link and image resolves, one table row per subject, each linking both modes."""
+    from report_pages import Page, blank_fraction, broken_refs, chromium, dump_dom, screenshot
+    if not chromium():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        return
+    dom = dump_dom(path)
+    page = Page(dom)
+    assert 'data-broken-images="0"' in dom and broken_refs(page, path.parent) == []
+    assert {r["data-subject"] for r in page.rows} == subjects
+    white, colours = blank_fraction(screenshot(path, tmp_path / "cohort-report.png"))
+    assert white < 0.97 and colours > 40, (white, colours)
+
+
 def test_resume_and_failure_isolation(local_ray, sim_cohort, tiny_config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
