@@ -65,7 +65,7 @@ def simulate(scenario: str, n: int, first_seed: int, matrix, coils: int, data: P
                                        seed=seed)
         path = data / f"{sid}.h5"
         write_subject(path, subject)
-        rows.append({"subject_id": sid, "path": str(path), "seed": seed})
+        rows.append({"subject_id": sid, "path": str(path.resolve()), "seed": seed})
     pd.DataFrame(rows).to_parquet(manifest)
     return manifest
 

@@ -383,7 +383,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
                              resources=report.resources, n_subjects=len(entries), seed_subject=plan.seed_id)
         scheduler = _Scheduler(plan, out_dir, task_cfg, opts, tracker, report, config_hash,
                                config.adapt.lora_rank, log, progress)
-        scheduler.start(seed_dict, free_slots=free_task_slots(cpus_per_task, gpus))
+        scheduler.start(seed_dict, free_slots=free_task_slots(cpus_per_task, gpus) if plan.n_tasks else 0)
         del seed_dict
         rows = scheduler.run()
         tracker.log_unrecorded(rows)        # invalid files, subjects failed with their seed, resumed rows

@@ -116,3 +116,16 @@ def test_the_driver_validates_headers_only(tmp_path, sim_cohort):
     assert ok.valid and "non-finite" in validate_subject_file(nan)[0]
     assert len(bad.problems) == 1 and "member 'kspace'" in bad.problems[0] and "never written" in bad.problems[0]
     assert "symbolic link loop" in loop.problems[0]
+
+
+def test_a_cohort_of_only_missing_files_finishes_without_a_cluster(tmp_path, sim_cohort):
+    """Nothing to run (every path missing): no Ray is started, and the driver still records every
+    subject as failed with its file named, instead of asking a cluster it never joined for resources."""
+    from cohort.driver import run_cohort
+    m = _manifest(tmp_path, sim_cohort, [{"subject_id": f"s{i}", "path": str(tmp_path / f"gone{i}.h5")} for i in range(2)])
+    lines = []
+    rep = run_cohort(m, tmp_path / "out", mode="adapted", tracking=False, progress=False, log=lines.append)
+    df = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(df.subject_id) == {"s0", "s1"} and (df.status == "failed").all()
+    assert all("does not exist" in e for e in df.error), df.error.tolist()
+    assert rep.rows and any("skipping s0" in line for line in lines)
