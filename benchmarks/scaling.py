@@ -301,8 +301,7 @@ def rows_from_cohort(cohorts: list, rss_json, threads: int, log) -> list:
         with h5py.File(r.subject_path, "r") as fh:
             T, C, *shape = fh["kspace"].shape           # the spec's (T, C, Z, Y, X)
         base = {"threads": threads, "subject": r.subject_path}
-        from_run = {m: float(getattr(r, f"llr_nrmse_{m}")) for m in MAPS if hasattr(r, f"llr_nrmse_{m}")
-                    and getattr(r, f"llr_nrmse_{m}") == getattr(r, f"llr_nrmse_{m}")}
+        from_run = {m: float(v) for m in MAPS if pd.notna(v := getattr(r, f"llr_nrmse_{m}", None))}
         if r.subject_path not in llr and len(from_run) >= 3:   # the run's own LLR start: the same fit
             llr[r.subject_path] = {"llr_nrmse": from_run, "llr_s": None, "source": "the run's LLR start"}
         if r.subject_path not in llr:

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from refine_more.config.qc import FLAGGED, SCALAR_METRICS, judge
-from refine_more.files.atomic import atomic_write, atomic_write_text, json_default  # noqa: F401 (subject_run imports it from here)
+from refine_more.files.atomic import atomic_write, atomic_write_text, json_default
 from refine_more.files.names import MAP_NAMES
 
 MODES = ("scratch", "adapted")

@@ -79,7 +79,7 @@ def range_problems(config) -> list:
     if unroll is not None and unroll.ssdu_validation_fraction + unroll.ssdu_loss_fraction >= 1:
         problems.append("config.unroll.ssdu_validation_fraction + ssdu_loss_fraction: must be < 1 "
                         f"(Θ keeps the rest), got {unroll.ssdu_validation_fraction + unroll.ssdu_loss_fraction}")
-    if unroll is not None and getattr(unroll, "start", "inr") != "inr" and not unroll.warm_start_steps:
+    if unroll is not None and unroll.start != "inr" and not unroll.warm_start_steps:
         problems.append(f"config.unroll.start = {unroll.start!r} needs a warm start (unroll.warm_start_steps > 0): "
                         "without one the learned iterations start from the INR's maps")
     return problems

@@ -256,8 +256,9 @@ def _reference_value(arr, name: str, full: str, label_names, P: Problems) -> boo
     return True
 
 
-def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load: bool, read: bool) -> tuple:
-    """(reference dict, label names) of the optional ``reference`` group."""
+def _check_reference(h5, T, C, zyx, P: Problems, notes: list, load, read: bool) -> tuple:
+    """(reference dict, label names) of the optional ``reference`` group. ``load``: True, False, or
+    "maps" (all but ``kspace_full``)."""
     import h5py
 
     reference: dict[str, np.ndarray] = {}

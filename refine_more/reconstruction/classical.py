@@ -4,6 +4,8 @@ stage-1 INR, from the voxel-wise fit of the locally low-rank images, or from bot
 lower objective on the acquired k-space (`unroll.start`, docs/decisions/020)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from refine_more.baselines.fitting import fit_images
@@ -41,7 +43,7 @@ def classical_minimum(run, objective=None, inr_state=None):
         for name, (c, z) in starts.items():
             q, zz = run.unrolled.warm_start(objective.start(c), objective, z, run.physics.tissue)
             solved[name], values[name] = (q, zz), float(objective.value(q, zz))
-    finite = {k: v for k, v in values.items() if v == v and abs(v) != float("inf")}
+    finite = {k: v for k, v in values.items() if math.isfinite(v)}
     chosen = min(finite, key=lambda k: (finite[k], k != "inr")) if finite else next(iter(solved))
     run.start_choice = {"start": chosen, **{f"objective_{k}": v for k, v in values.items()}}
     if "llr" in starts and run.reference:   # the LLR fit is the classical baseline: its score, for the record only

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from refine_more.config.qc import FLAGGED, SCALAR_METRICS, judge  # noqa: F401 (SCALAR_METRICS re-exported)
-from refine_more.reconstruction.classical import llr_start  # noqa: F401 (re-exported: benchmarks use qc.llr_start)
+from refine_more.reconstruction.classical import llr_start
 
 
 @dataclass

@@ -99,7 +99,7 @@ class ReconRun:
             t = time.perf_counter()
             with torch.no_grad():
                 self._llr = llr_start(self.physics, self.config)
-            self.timings["llr"] = self.timings.get("llr", 0.0) + time.perf_counter() - t
+            self.timings["llr"] = time.perf_counter() - t
         return self._llr
 
     @property
