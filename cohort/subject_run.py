@@ -110,7 +110,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     odir = subject_dir(out_dir, sid, mode)
     _fresh_dir(odir)
     result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
-                         track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True)
+                         track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True, release_kspace=True)
     reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
     scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
     if reference:   # the stage-1 INR's own maps Q⁽⁰⁾ (the "INR-only" ablation), beside the result's

@@ -154,7 +154,7 @@ def _recon(args):
         raise UsageError(str(exc)) from None
     check_out_dir(args.out)
     subject = read_subject(args.file, load_reference="maps")   # not kspace_full: as large as the data
-    result = reconstruct(subject, config, diagnostics=True)
+    result = reconstruct(subject, config, diagnostics=True, release_kspace=True)
     with _staged(Path(args.out)) as out:
         _write_recon(out, args, subject, config, result)
     if result.qc.flagged:       # the maps were written; say plainly that they need a look

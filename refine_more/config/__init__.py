@@ -270,7 +270,7 @@ def _small_hash(levels=8, log2=14, base=4, scale=1.5):
 PRESETS = {
     "tiny": "seconds on a CPU, for tests",
     "small": "a 6×32×32 subject in about a minute on a CPU (the demo)",
-    "large": "`small` for real-size subjects on CPU nodes: virtual coils, one image per stage-1 iteration, a short schedule from the better of the INR and LLR starts",
+    "large": "`small` for real-size subjects on CPU nodes: virtual coils, one image per stage-1 iteration, a short schedule from the LLR fit",
     "paper": "the paper's sizes and schedule (GPU)",
 }
 
@@ -297,10 +297,10 @@ def preset(name: str) -> ReconConfig:
             # L-BFGS warm start + smoothness prior (decisions 004, 005: weights tuned for the
             # converged solver); 4 phase steps per map step; exact unrolled backprop (from a
             # converged warm start the first-order one diverged: decision 002); a quartic phase
-            # per image (B0 drift; decision 011)
+            # per image (B0 drift; decision 011); from the better of the INR and LLR starts (decision 021)
             unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
                                 phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
-                                image_phase_order=4),
+                                image_phase_order=4, start="best"),
             # the warm start converges from the adapted INR as from the scratch one once the adapted
             # stage 1 has fitted the images roughly: with the L-BFGS warm start 60 iterations end
             # within the scratch-vs-scratch noise on cohorts A and B (README); with the earlier
@@ -308,13 +308,13 @@ def preset(name: str) -> ReconConfig:
             adapt=AdaptConfig(lora_rank=4, iters_stage1=60, iters_stage2=25, plateau_patience=5),
         )
     if name == "large":
-        # decision 019: virtual coils, one image per stage-1 iteration. 020: from the better of the INR
-        # and LLR starts, 32 L-BFGS iterations (phase and maps jointly) make one phase step and K = 1
-        # enough (12×64×64, 20 coils: T1F / f 3.54 / 4.21 % against the 4-phase-step probe's 3.28 / 4.19 %)
+        # decision 019: virtual coils, one image per stage-1 iteration. 020: from the LLR fit, 32 L-BFGS
+        # iterations (phase and maps jointly) make one phase step and K = 1 enough (12×64×64, 20 coils:
+        # T1F / f 3.54 / 4.21 %, the probe's 3.28 / 4.19 %); 021: one start, the LLR fit (`best` kept it)
         small = preset("small")
         return small.replace(
             coil_compression=0.99, stage1_images=1, iters_stage1=40, iters_stage2=5,
-            unroll=dataclasses.replace(small.unroll, iterations=1, phase_steps=1, warm_start_steps=32, start="best"),
+            unroll=dataclasses.replace(small.unroll, iterations=1, phase_steps=1, warm_start_steps=32, start="llr"),
             adapt=dataclasses.replace(small.adapt, iters_stage1=20, iters_stage2=5))
     if name == "tiny":
         return ReconConfig(

@@ -75,19 +75,31 @@ class Subject:
     label_names: Optional[list] = None
     path: Optional[str] = None
     notes: list = field(default_factory=list)
+    _kspace_shape: Optional[tuple] = field(default=None, init=False, repr=False)   # set by release_kspace
+
+    def release_kspace(self) -> None:
+        """Drop the acquired k-space, the largest member (1.9 GiB at 48×176×176, 20 coils, 8 images), once
+        a reconstruction's physics holds its own normalised copy. Shape, images and coils still answer;
+        `kspace` is then None, so a later read fails loudly instead of seeing zeros."""
+        if self.kspace is not None:
+            self._kspace_shape, self.kspace = tuple(self.kspace.shape), None
+
+    @property
+    def _dims(self) -> tuple:
+        return self._kspace_shape if self.kspace is None else self.kspace.shape
 
     @property
     def shape(self) -> tuple:
         """Image shape (Z, Y, X)."""
-        return tuple(int(n) for n in self.kspace.shape[2:])
+        return tuple(int(n) for n in self._dims[2:])
 
     @property
     def n_images(self) -> int:
-        return int(self.kspace.shape[0])
+        return int(self._dims[0])
 
     @property
     def n_coils(self) -> int:
-        return int(self.kspace.shape[1])
+        return int(self._dims[1])
 
 
 def _raise_if_any(P) -> None:

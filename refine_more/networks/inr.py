@@ -69,6 +69,11 @@ class INR(nn.Module):
             self.n_images = int(self.image_coordinates.numel())
         self._points = None
 
+    def release_points(self) -> None:
+        """Drop the precomputed interpolation matrices (≈ 1.5 GiB at 48×176×176 with `small`'s hashes)
+        while nothing evaluates the INR; the next evaluation rebuilds them."""
+        self._points = None
+
     # the temporal / spatial parts of the module, as adaptation freezes or retrains them
     def temporal_modules(self):
         return [self.hash_time, self.mlp_images, self.mlp_maps]

@@ -91,6 +91,7 @@ class ReconRun:
     final_phase: object = None       # the refinement's last nuisance (φ₀, δ_t): the report's residual
     start_choice: dict = field(default_factory=dict)   # the warm start's start and objectives (classical.py)
     _llr: object = None              # (LLR images, their fit's channels), computed once (classical.llr_start)
+    inr_outputs: object = None       # (W, Q⁽⁰⁾) of an INR that stage 2 leaves as it is (the warm-start path)
 
     def llr(self) -> tuple:
         """The LLR images and their voxel-wise fit, computed once: the warm start's 'llr' start and
@@ -150,8 +151,11 @@ class ReconRun:
         return W, c0, loss1, loss2
 
 
-def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True, progress_desc=None) -> ReconRun:
-    """The physics, the objective and the models of one reconstruction, scratch or adapted."""
+def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True, progress_desc=None,
+          release_kspace=False) -> ReconRun:
+    """The physics, the objective and the models of one reconstruction, scratch or adapted.
+    ``release_kspace``: the caller owns `subject` and drops its acquired k-space once the physics has
+    its own copy (`Subject.release_kspace`; memory at real size)."""
     from refine_more.reconstruction.adaptation import prepare_adapted_models
 
     device = resolve_device(config.device)
@@ -160,6 +164,8 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
     t_start = time.perf_counter()
     check_subject(subject, config)     # one line naming the file, not a ZeroDivisionError deep inside
     prob = ScanPhysics(subject, config, device)
+    if release_kspace:
+        subject.release_kspace()
     inr = INR(subject.n_images, subject.shape, config.inr, seed=config.seed).to(device)
     unrolled = UnrolledPGD(config.unroll).to(device)
     if seed_state is None:
@@ -232,6 +238,10 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     start = None
     t = time.perf_counter()
     W, c0, loss1, loss2 = run.inr_state(backward=False)
+    # the INR stays as it is from here: keep its outputs for `finish` and free its interpolation
+    # matrices for the learned iterations (the peak memory at real size)
+    run.inr_outputs = (W, c0)
+    run.inr.release_points()
     if s["n2"]:
         start = classical_minimum(run, inr_state=(W, c0))
         run.timings["warm_start"] = time.perf_counter() - t
@@ -299,9 +309,11 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
     after ``total``; a failure there is a warning, never a failed reconstruction)."""
     run.bar.close()
     prob = run.physics
-    with torch.no_grad():
-        W = run.inr.images(run.chunk)
-        c0 = run.inr.map_channels()
+    if run.inr_outputs is not None:
+        W, c0 = run.inr_outputs
+    else:
+        with torch.no_grad():
+            W, c0 = run.inr.images(run.chunk), run.inr.map_channels()
     run.timings["total"] = time.perf_counter() - run.t_start
     maps, maps_init = prob.physical_maps(final), prob.physical_maps(c0)
     for m in (maps, maps_init):
@@ -339,11 +351,12 @@ def _diagnostics(run: ReconRun, final: torch.Tensor, W: torch.Tensor, maps: dict
 
 
 def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, track_reference: bool = True,
-                progress_desc: str | None = None, diagnostics: bool = False) -> Result:
+                progress_desc: str | None = None, diagnostics: bool = False, release_kspace: bool = False) -> Result:
     """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4).
-    ``diagnostics``: also what a report shows beside the maps (``Result.diagnostics``)."""
+    ``diagnostics``: also what a report shows beside the maps (``Result.diagnostics``).
+    ``release_kspace``: drop `subject.kspace` once the physics holds its copy (callers that read the file)."""
     run = setup(subject, config or ReconConfig(), seed_state, track_reference=track_reference,
-                progress_desc=progress_desc)
+                progress_desc=progress_desc, release_kspace=release_kspace)
     train_inr(run)
     final = train_refinement(run)
     return finish(run, final, diagnostics)

@@ -181,3 +181,28 @@ def test_images_by_chunks_equal_all_at_once(subject):
         for p in inr.parameters():
             p.add_(0.05 * torch.randn_like(p))
         assert rel(inr.images(3), inr.images()) < 1e-6
+
+
+def test_a_released_kspace_gives_the_same_result_and_is_gone(subject):
+    """`release_kspace` (the cohort's tasks, `refine-more recon`): with coil compression, the LLR start,
+    QC and the report's diagnostics (everything that runs after setup), the maps are bit-identical and
+    the subject's acquired k-space is gone, while its shape still answers. On this warm-start path the
+    INR's interpolation matrices are dropped in stage 2, and the result's images are still its own."""
+    import copy
+
+    from refine_more.config import apply_overrides
+    config = apply_overrides(preset("tiny"), ["coil_compression=0.99", "unroll.warm_start_steps=4",
+                                              "unroll.start=best", "iters_stage1=3", "iters_stage2=2"])
+    kept, released = copy.deepcopy(subject), copy.deepcopy(subject)
+    a = reconstruct(kept, config, diagnostics=True)
+    b = reconstruct(released, config, diagnostics=True, release_kspace=True)
+    assert kept.kspace is not None and released.kspace is None
+    assert (released.shape, released.n_images, released.n_coils) == (subject.shape, subject.n_images, subject.n_coils)
+    for name in ("I0", "T1F", "f", "kF"):
+        assert (a.maps[name] == b.maps[name]).all(), name
+    assert a.qc.status == b.qc.status and a.diagnostics.keys() == b.diagnostics.keys()
+    inr = b.state["inr"]
+    assert inr._points is None                         # released in stage 2, not rebuilt by `finish`
+    with torch.no_grad():
+        W = inr.images() * b.state["data_scale"]
+    assert rel(W, torch.from_numpy(b.images)) < 1e-6
