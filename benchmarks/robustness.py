@@ -124,7 +124,8 @@ def per_subject_table(scenario: str, manifest: Path, out: Path, k_band) -> list:
             records.append({"scenario": scenario, "subject": s.subject_id, "seed": int(s.seed), "method": method,
                             "nrmse": {m: float(r[f"nrmse_{m}"]) for m in MAPS if f"nrmse_{m}" in r},
                             "seconds": float(r.total_s), "qc_status": r.qc_status,
-                            "qc_reasons": r.qc_reasons, "warm_start_from": r.get("warm_start_from")})
+                            "qc_reasons": r.qc_reasons, "warm_start_from": r.get("warm_start_from"),
+                            "prior_scale": r.get("prior_scale"), "config_hash": r.config_hash})
             if mode == "scratch" and "inr_nrmse_T1F" in r:
                 records.append({"scenario": scenario, "subject": s.subject_id, "seed": int(s.seed), "method": "inr-only",
                                 "nrmse": {m: float(r[f"inr_nrmse_{m}"]) for m in MAPS if f"inr_nrmse_{m}" in r},
@@ -172,6 +173,7 @@ def markdown(summary: dict, meta: dict) -> str:
              "LLR fit, or above 2× the scenario median.", "",
              "| scenario | method | n | median T1F / f | p90 T1F / f | max T1F / f | failures | flagged | unflagged failures | mean s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    hashes = meta.get("scenario_config_hashes", {})
     for sc, methods in summary.items():
         for m, s in methods.items():
             def pair(q, s=s):
@@ -180,6 +182,9 @@ def markdown(summary: dict, meta: dict) -> str:
             mean_s = "–" if s["mean_s"] is None else f"{s['mean_s']:.1f}"
             lines.append(f"| {sc} | {m} | {s['n']} | {pair('median')} | {pair('p90')} | {pair('max')} | {s['failures']} "
                          f"| {flagged} | {s['failures_unflagged']} | {mean_s} |")
+    if hashes:
+        lines += ["", "Config hash of the product's runs per scenario: " + "; ".join(
+            f"{sc} {', '.join(h) or '–'}" for sc, h in hashes.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--work", default="runs/robustness", help="subjects and cohort outputs (kept: reruns resume)")
     ap.add_argument("--out", default=str(RESULTS / "robustness"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="tabulate the scenarios' existing outputs (each row keeps its own config hash), run nothing")
     a = ap.parse_args(argv)
 
     from cohort.driver import run_cohort
@@ -236,25 +243,31 @@ def main(argv=None) -> int:
     config = load_config(None, a.preset, a.set + ["progress=false"])
     work, out = Path(a.work), Path(a.out)
     records, seconds = [], {}
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     for sc in a.scenarios:
         t0 = time.time()
         matrix = a.phantom_matrix if sc == "phantom" else a.matrix
         print(f"[{time.strftime('%H:%M:%S')}] {sc}: {a.subjects} subjects, {'×'.join(map(str, matrix))}", flush=True)
         manifest = simulate(sc, a.subjects, a.first_seed, matrix, a.coils, work / sc / "data")
-        run_cohort(manifest, work / sc / "out", mode="both", config=config, num_cpus=a.num_cpus, progress=True,
-                   tracking=False)
+        if not a.report_only:
+            run_cohort(manifest, work / sc / "out", mode="both", config=config, num_cpus=a.num_cpus, progress=True,
+                       tracking=False)
         records += per_subject_table(sc, manifest, work / sc / "out", config.k_band)
-        seconds[sc] = time.time() - t0
+        # a tabulation keeps the wall time of the run that made the outputs
+        seconds[sc] = previous.get("scenario_wall_s", {}).get(sc) if a.report_only else time.time() - t0
         summary = summarize(records)
         meta = {"subjects": a.subjects, "first_seed": a.first_seed, "matrix": a.matrix, "phantom_matrix": a.phantom_matrix,
                 "coils": a.coils, "preset": a.preset, "overrides": a.set, "config_hash": config.hash(),
+                "scenario_config_hashes": {s: sorted({r["config_hash"] for r in records if r["scenario"] == s
+                                                      and r.get("config_hash")}) for s in seconds},
                 "scenario_wall_s": seconds}
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out.with_suffix(".json"), json.dumps({**meta, "summary": summary, "records": records},
                                                                indent=1, default=str))
         atomic_write_text(out.with_suffix(".md"), markdown(summary, meta))
         strip_plot(records, out.with_suffix(".png"))
-        print("\n".join(markdown({sc: summary[sc]}, meta).splitlines()[-len(summary[sc]):]), flush=True)
+        print("\n".join(x for x in markdown({sc: summary[sc]}, meta).splitlines() if x.startswith(f"| {sc} |")),
+              flush=True)
     return 0
 
 

@@ -40,7 +40,7 @@ QC_METRIC_COLUMNS = [f"qc_{m}" for m in SCALAR_METRICS]
 # and qc_reasons ("; " between them) judge status-ok rows only; failed rows have None there
 COLUMNS = [
     "subject_id", "mode", "status", "qc_status", "qc_reasons", "error", "resumed", "is_seed", "seed_subject",
-    "method", "warm_start_from", "node", "node_id",
+    "method", "warm_start_from", "prior_scale", "node", "node_id",
     "device", "setup_s", "stage1_s", "stage2_s", "total_s", "qc_s", "wall_s", "iterations_stage1",
     "iterations_stage2", "trainable_stage1", "trainable_stage2",
     "loss_final", "loss1_final", "loss2_final", "loss3_final",

@@ -62,6 +62,7 @@ def _row(sid: str, mode: str, result, *, is_seed: bool, seed_subject: Optional[s
         "method": result.method, "node": node or socket.gethostname(), "node_id": node_id, "device": result.device,
         "setup_s": t.get("setup"), "stage1_s": t.get("stage1"), "stage2_s": t.get("stage2"), "total_s": t.get("total"),
         "qc_s": t.get("qc"), **qc_columns(result.qc.to_dict()), "warm_start_from": result.start.get("start"),
+        "prior_scale": result.start.get("prior_scale"),
         "iterations_stage1": int(it.get("stage1", 0)), "iterations_stage2": int(it.get("stage2", 0)),
         "trainable_stage1": int(tr.get("stage1", 0)), "trainable_stage2": int(tr.get("stage2", 0)),
         "loss_final": final.get("loss"), "loss1_final": final.get("loss1"),

@@ -28,11 +28,9 @@ def check_k_band(band) -> None:
 
 @dataclass
 class INRConfig:
-    # hash 1: the image coordinate t (1-D, one value per image); tiny, it is dense at every level
     hash_time: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
         n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=2, per_level_scale=2.0))
     """Hash 1: the image coordinate t (1-D, one value per image); tiny, dense at every level."""
-    # hash 2: (x, y, z) → features of the weighted images; hash 3: (x, y, z) → features of the maps
     hash_images: HashEncodingConfig = field(default_factory=lambda: HashEncodingConfig(
         n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16, per_level_scale=1.5))
     """Hash 2: (x, y, z) → features of the weighted images (MLP1's input)."""
@@ -99,6 +97,8 @@ class UnrollConfig:
     """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
     map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
     """δ per map of that prior: > 0 makes its penalty pseudo-Huber (edges kept); 0 keeps it quadratic."""
+    prior_noise_reference: float = 0.0
+    """Noise level ν/s up to which `map_smoothness` holds; above, its weights grow in proportion (decision 022); 0: fixed."""
     training: Literal["full", "self-supervised"] = "full"
     """What stage 2 trains the learned iterations on: 'full', loss 3 over all acquired k-space (the
     paper), or 'self-supervised', held-out k-space (SSDU: data consistency on Θ, loss on Λ, stop on Γ;
@@ -126,9 +126,8 @@ class AdaptConfig:
     """Iterations of the adapted stage 1 (INR)."""
     iters_stage2: int = 200
     """Iterations of the adapted stage 2 (refinement)."""
-    # Adam lr of the adapted run. Only hash tables (initialised at ±1e-4) and LoRA factors train,
-    # and with lr 1e-3 the tables need hundreds of steps just to grow to O(1); the frozen MLPs make
-    # a larger rate safe (the instant-NGP default for hash tables is 1e-2).
+    # Only hash tables (initialised at ±1e-4) and LoRA factors train: at lr 1e-3 the tables need hundreds
+    # of steps to grow to O(1); the frozen MLPs make 1e-2 (instant-NGP's rate for hash tables) safe.
     lr: float = 1e-2
     """Adam learning rate of the adapted stage 1 (fresh hash tables need a larger one than 1e-3)."""
     lr_stage2: float = 1e-3         # LoRA factors and the joint stage at the paper's rate (1e-2 oscillates)
@@ -297,10 +296,11 @@ def preset(name: str) -> ReconConfig:
             # L-BFGS warm start + smoothness prior (decisions 004, 005: weights tuned for the
             # converged solver); 4 phase steps per map step; exact unrolled backprop (from a
             # converged warm start the first-order one diverged: decision 002); a quartic phase
-            # per image (B0 drift; decision 011); from the better of the INR and LLR starts (decision 021)
+            # per image (B0 drift; decision 011); the better of the INR and LLR starts (021); the prior
+            # grows with the noise above SNR-200 levels (022)
             unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
                                 phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
-                                image_phase_order=4, start="best"),
+                                image_phase_order=4, start="best", prior_noise_reference=3e-5),
             # the warm start converges from the adapted INR as from the scratch one once the adapted
             # stage 1 has fitted the images roughly: with the L-BFGS warm start 60 iterations end
             # within the scratch-vs-scratch noise on cohorts A and B (README); with the earlier

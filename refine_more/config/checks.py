@@ -42,7 +42,7 @@ RANGES = {
     "unroll.image_phase_order": _int_at_least(-1), "unroll.warm_start_steps": _int_at_least(0),
     "unroll.ssdu_validation_fraction": _fraction(), "unroll.ssdu_loss_fraction": _fraction(),
     "unroll.ssdu_splits": _int_at_least(1), "unroll.ssdu_validate_every": _int_at_least(1),
-    "unroll.ssdu_patience": _int_at_least(1),
+    "unroll.ssdu_patience": _int_at_least(1), "unroll.prior_noise_reference": _non_negative(),
     "adapt.lora_rank": _int_at_least(1), "adapt.lora_beta": _positive(), "adapt.iters_stage1": _int_at_least(1),
     "adapt.iters_stage2": _int_at_least(0), "adapt.lr": _positive(), "adapt.lr_stage2": _positive(),
     "adapt.plateau_patience": _int_at_least(0), "adapt.plateau_rel": _non_negative(),

@@ -23,6 +23,28 @@ def llr_start(physics, config) -> tuple:
     return images, physics.scaling.to_channels(maps)
 
 
+def noise_level(physics, llr_images: torch.Tensor) -> float:
+    """ν/s: the share ν of the acquired k-space energy that the LLR images leave unexplained (free images,
+    so ≈ the noise's share), over the acquired samples per voxel s (images × coils × sampled fraction).
+    Proportional to σ² over the signal energy per voxel, the weight a smoothness prior should have; the
+    same for AF 4 and 5, 1-D or 2-D masks and phase drift (1.2–1.4e-5 at SNR 200), 4.9e-5 at SNR 100,
+    1.8e-4 at SNR 50 (6×32×32, 4 coils; docs/decisions/022)."""
+    A = physics.A
+    nu = float((A(llr_images) - physics.kspace).abs().pow(2).sum()) / physics.kspace_energy
+    lines = float(A.mask.reshape(A.n_images, -1).sum())   # acquired (z, y) lines of every image
+    per_voxel = lines * A.coil_sens.shape[0] / (physics.tissue.shape[0] * physics.tissue.shape[1])
+    return nu / max(per_voxel, 1e-12)
+
+
+def prior_scale(run) -> float:
+    """The factor on the prior's weights: 1 up to `unroll.prior_noise_reference`, then ν/s over it
+    (the prior's weights were set at SNR 200; at lower SNR the same weights let the solve fit noise)."""
+    reference = run.config.unroll.prior_noise_reference
+    if not reference or run.objective.prior is None:
+        return 1.0
+    return max(1.0, noise_level(run.physics, run.llr()[0]) / reference)
+
+
 def classical_minimum(run, objective=None, inr_state=None):
     """(q, z): the classical solver's minimum of `objective` (the run's by default), detached: no
     gradient reaches the INR through it. Starts as `run.config.unroll.start` says; with 'best' it
@@ -31,6 +53,10 @@ def classical_minimum(run, objective=None, inr_state=None):
     `inr_state`: the (W, Q⁽⁰⁾) of ``run.inr_state`` when the caller has it (saves an INR forward)."""
     objective = objective or run.objective
     which = run.config.unroll.start
+    if "prior_scale" not in run.start_choice:   # once per run, the same for every objective it solves
+        run.start_choice["prior_scale"] = prior_scale(run)
+    objective.set_prior_scale(run.start_choice["prior_scale"])
+    run.objective.set_prior_scale(run.start_choice["prior_scale"])   # the learned iterations' objective
     starts = {}
     if which in ("inr", "best"):
         W, c0 = inr_state if inr_state is not None else run.inr_state(backward=False)[:2]
@@ -45,7 +71,7 @@ def classical_minimum(run, objective=None, inr_state=None):
             solved[name], values[name] = (q, zz), float(objective.value(q, zz))
     finite = {k: v for k, v in values.items() if math.isfinite(v)}
     chosen = min(finite, key=lambda k: (finite[k], k != "inr")) if finite else next(iter(solved))
-    run.start_choice = {"start": chosen, **{f"objective_{k}": v for k, v in values.items()}}
+    run.start_choice.update({"start": chosen, **{f"objective_{k}": v for k, v in values.items()}})
     if "llr" in starts and run.reference:   # the LLR fit is the classical baseline: its score, for the record only
         run.start_choice["llr_nrmse"] = run._score(starts["llr"][0], "")
     return solved[chosen]

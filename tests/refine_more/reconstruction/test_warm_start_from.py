@@ -26,10 +26,11 @@ def runs(subject):
 
 def test_best_keeps_the_lower_objective_of_both_solves(runs):
     best = runs["best"].start
-    assert set(best) == {"start", "objective_inr", "objective_llr", "llr_nrmse"}
+    assert set(best) == {"start", "objective_inr", "objective_llr", "llr_nrmse", "prior_scale"}
     assert best["start"] == min(("inr", "llr"), key=lambda k: best[f"objective_{k}"])
     # each single start solves the same problem from the same point as its half of 'best'
-    assert runs["inr"].start == {"start": "inr", "objective_inr": pytest.approx(best["objective_inr"], rel=1e-5)}
+    assert runs["inr"].start == {"start": "inr", "objective_inr": pytest.approx(best["objective_inr"], rel=1e-5),
+                                 "prior_scale": 1.0}     # `tiny` has no prior
     assert runs["llr"].start["objective_llr"] == pytest.approx(best["objective_llr"], rel=1e-5)
     # the LLR fit's own score (the classical baseline, recorded when the reference is tracked)
     assert runs["llr"].start["llr_nrmse"] == pytest.approx(best["llr_nrmse"], rel=1e-5)
