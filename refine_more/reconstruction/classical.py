@@ -30,7 +30,7 @@ def noise_level(physics, llr_images: torch.Tensor) -> float:
     same for AF 4 and 5, 1-D or 2-D masks and phase drift (1.2–1.4e-5 at SNR 200), 4.9e-5 at SNR 100,
     1.8e-4 at SNR 50 (6×32×32, 4 coils; docs/decisions/022)."""
     A = physics.A
-    nu = float((A(llr_images) - physics.kspace).abs().pow(2).sum()) / physics.kspace_energy
+    nu = float(physics.data_consistency(llr_images))
     lines = float(A.mask.reshape(A.n_images, -1).sum())   # acquired (z, y) lines of every image
     per_voxel = lines * A.coil_sens.shape[0] / (physics.tissue.shape[0] * physics.tissue.shape[1])
     return nu / max(per_voxel, 1e-12)
