@@ -11,10 +11,9 @@ A run (:func:`run_cohort`):
    seed's result passes QC (a failed or flagged seed falls back to the next subject), and passes
    the ObjectRef as a top-level argument to every adaptation task (Ray resolves it before the task
    starts; workers on a node share one copy);
-4. results are collected in the order they finish (``ray.wait(num_returns=1)``), logged to MLflow
-   by the driver alone (:mod:`cohort.tracking`), and ``DIR/results.parquet`` is rewritten after
-   every completion, so an interrupted run leaves a consistent table; the summary
-   (:func:`cohort.results.summarize`) is printed and written to ``DIR/summary.json``.
+4. results are collected as they finish, logged to MLflow by the driver alone (:mod:`cohort.tracking`),
+   ``DIR/results.parquet`` rewritten after each (an interrupted run leaves a consistent table); while
+   none finishes, the console shows where the running tasks are (:mod:`cohort.progress`).
 
 What is written where: :mod:`cohort.results`.
 """
@@ -27,9 +26,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import plots
-from .guards import LOCK_FILE, output_lock
+from .guards import LOCK_FILE, clear_killed_writes, output_lock
 from .manifest import file_sha256, read_manifest, validate_entries
 from .plan import CohortPlan, plan_cohort
+from .progress import POLL_S as PROGRESS_POLL_S, describe as describe_progress
 from .ray_cluster import check_num_cpus, connect_ray, free_task_slots, task_error, task_resources
 from .results import (CONFIG_FILE, RESULTS_FILE, SEED_STATE_FILE, SUMMARY_FILE, SUMMARY_PNG, CohortReport,
                       failed_row, flagged, format_summary, read_done, rejudge, rows_frame, subject_dir, summarize,
@@ -66,6 +66,7 @@ class _Scheduler:
         self.seed_ref = None
         self.waiting: list = []          # adapted (entry, mode) waiting for the seed state
         self.counts = {"ok": 0, "failed": 0}
+        self.started = time.time()       # progress files older than this are a killed run's
         from tqdm import tqdm
         self.bar = tqdm(total=plan.n_tasks, desc="cohort", unit="recon", disable=not progress)
 
@@ -180,9 +181,11 @@ class _Scheduler:
         self.bar.update(1)
 
     def _refresh(self):
-        # in_flight: submitted, not yet finished (queued or running)
-        self.bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"],
-                             in_flight=sum(k != "warm_up" for k, _, _ in self.pending.values()), refresh=False)
+        # in_flight: submitted, not yet finished (queued or running); now: where the running ones are
+        running = [(e.subject_id, m) for k, e, m in self.pending.values() if k != "warm_up"]
+        now = describe_progress(self.out_dir, running, since=self.started)
+        self.bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"], in_flight=len(running),
+                             **({"now": now} if now else {}), refresh=False)
         self.bar.refresh()
 
     def run(self) -> list:
@@ -190,7 +193,10 @@ class _Scheduler:
         import ray
         self._refresh()
         while self.pending:
-            ready, _ = ray.wait(list(self.pending), num_returns=1)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=PROGRESS_POLL_S)
+            if not ready:                 # nothing finished: show where the running tasks are
+                self._refresh()
+                continue
             kind, e, m = self.pending.pop(ready[0])
             if kind == "warm_up":
                 try:
@@ -301,14 +307,6 @@ def _plan(manifest, out_dir: Path, mode: str, config, force: bool, progress: boo
     return entries, plan, seed_dict
 
 
-def _clear_killed_writes(out_dir: Path) -> None:
-    """Remove the temporaries of cohort files (results, summary, config) a killed driver left
-    half-written (SIGKILL skips atomic_path's clean-up); subject folders clear their own."""
-    for stale in out_dir.glob(".*.tmp*"):
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
-
-
 def _one_driver(run):
     """``run`` under the output folder's lock (:func:`cohort.guards.output_lock`), so that a second
     driver on the same ``--out`` is refused; a folder this call created is removed again when the
@@ -350,7 +348,7 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
     config_hash = config.hash()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_killed_writes(out_dir)
+    clear_killed_writes(out_dir)
     t_start = time.time()
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
     external, seed_path = None, None
@@ -373,10 +371,8 @@ def run_cohort(manifest, out_dir, *, mode: str = "adapted", config=None, address
         if gpus == 0 and task_cfg.get("device", "auto") == "auto":
             task_cfg["device"] = "cpu"                  # a CPU task never takes a GPU Ray did not give it
         opts = dict(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=int(max_retries), retry_exceptions=False)
-        # MLflow: the driver is the single writer. Workers return their rows (small: metrics, loss
-        # history, output paths) and only the driver talks to MLflow: one process writes the sqlite
-        # file, and remote nodes need not reach the tracking store; artifacts are read from the
-        # output folder, which the cluster must share anyway.
+        # MLflow: the driver is the single writer (one process writes the sqlite file; remote nodes need not
+        # reach the store); workers return small rows, artifacts are read from the shared output folder
         report.tracking_uri = tracking_uri
         tracker = CohortTracker(report.tracking_uri, experiment, out_dir, enabled=tracking, log=log)
         tracker.start_parent(config, mode=mode, manifest=manifest, manifest_sha256=file_sha256(manifest),

@@ -43,3 +43,11 @@ def output_lock(out_dir):
         yield path
     finally:
         os.close(fd)                                      # releases the lock
+
+
+def clear_killed_writes(out_dir: Path) -> None:
+    """Remove the temporaries of cohort files (results, summary, config) a killed driver left
+    half-written (SIGKILL skips atomic_path's clean-up); subject folders clear their own."""
+    for stale in out_dir.glob(".*.tmp*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)

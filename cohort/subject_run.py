@@ -17,6 +17,7 @@ from refine_more.files.names import MAP_NAMES
 
 from . import plots
 from .resume import input_digest
+from .progress import PROGRESS_FILE, ProgressFile
 from .results import (CONFIG_FILE, DONE, MODES, QC_FILE, SEED_STATE_FILE, clean, history_csv,
                       qc_columns, subject_dir, write_json)
 
@@ -110,23 +111,30 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     sid = subject_id or subject.subject_id
     odir = subject_dir(out_dir, sid, mode)
     _fresh_dir(odir)
-    result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
-                         track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True, release_kspace=True)
-    reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
-    scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
-    if reference:   # the stage-1 INR's own maps Q⁽⁰⁾ (the "INR-only" ablation), beside the result's
-        scores.update({f"inr_{k}": v for k, v in score_maps(result.maps_init, reference, result.tissue_mask,
-                                                             flat=True, with_ssim=False).items()})
-        # the LLR fit, when the warm start computed it (unroll.start llr | best): the classical baseline
-        scores.update({f"llr_nrmse_{k}": v for k, v in result.start.get("llr_nrmse", {}).items()})
-    outputs = _write_outputs(odir, sid, mode, subject, result, config)
-    if save_seed_state and not result.qc.flagged:      # a flagged seed is never published (decisions/017)
-        from refine_more.reconstruction.adaptation import SeedState
-        SeedState.from_result(result).save(odir / SEED_STATE_FILE)
-    row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
-               scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
-    row.update(_report(odir, row, result))
-    write_json(odir / DONE, row)                   # LAST: marks it done
+    progress = ProgressFile(odir / PROGRESS_FILE)   # the driver's console reads it while the task runs
+    try:
+        result = reconstruct(subject, config, seed_state=seed_state if mode == "adapted" else None,
+                             track_reference=True, progress_desc=f"{sid}/{mode}", diagnostics=True, release_kspace=True,
+                             on_progress=progress)
+        reference = {k: v for k, v in (subject.reference or {}).items() if k in MAP_NAMES}
+        scores = score_maps(result.maps, reference, result.tissue_mask, flat=True) if reference else {}
+        if reference:   # the stage-1 INR's own maps Q⁽⁰⁾ (the "INR-only" ablation), beside the result's
+            scores.update({f"inr_{k}": v for k, v in score_maps(result.maps_init, reference, result.tissue_mask,
+                                                                 flat=True, with_ssim=False).items()})
+            # the LLR fit, when the warm start computed it (unroll.start llr | best): the classical baseline
+            scores.update({f"llr_nrmse_{k}": v for k, v in result.start.get("llr_nrmse", {}).items()})
+        progress("writing outputs")
+        outputs = _write_outputs(odir, sid, mode, subject, result, config)
+        if save_seed_state and not result.qc.flagged:      # a flagged seed is never published (decisions/017)
+            from refine_more.reconstruction.adaptation import SeedState
+            SeedState.from_result(result).save(odir / SEED_STATE_FILE)
+        row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
+                   scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
+        row.update(_report(odir, row, result))
+        progress.remove()
+        write_json(odir / DONE, row)                   # LAST: marks it done
+    finally:
+        progress.remove()
     row["history"] = outputs["history"]    # for the driver's MLflow logging; not stored in results.parquet
     return row, result
 

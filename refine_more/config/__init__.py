@@ -96,7 +96,7 @@ class UnrollConfig:
     map_smoothness: tuple = (0.0, 0.0, 0.0, 0.0)
     """ρ per map (I0, T1F, f, k) of the quadratic smoothness prior on the maps; zeros are the paper (docs/decisions/004)."""
     map_edge_scale: tuple = (0.0, 0.0, 0.0, 0.0)
-    """δ per map of that prior: > 0 makes its penalty pseudo-Huber (edges kept); 0 keeps it quadratic."""
+    """δ per map of that prior (> 0: pseudo-Huber, edges kept; 0: quadratic), × √((ν/s)/reference) with a reference (decision 023)."""
     prior_noise_reference: float = 0.0
     """Noise level ν/s up to which `map_smoothness` holds; above, its weights grow in proportion (decision 022); 0: fixed."""
     training: Literal["full", "self-supervised"] = "full"

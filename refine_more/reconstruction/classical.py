@@ -36,13 +36,16 @@ def noise_level(physics, llr_images: torch.Tensor) -> float:
     return nu / max(per_voxel, 1e-12)
 
 
-def prior_scale(run) -> float:
-    """The factor on the prior's weights: 1 up to `unroll.prior_noise_reference`, then ν/s over it
-    (the prior's weights were set at SNR 200; at lower SNR the same weights let the solve fit noise)."""
+def prior_scale(run) -> tuple:
+    """(weight factor, edge factor) of the prior for this scan's noise r = (ν/s) / `unroll.prior_noise_reference`:
+    the weights × max(1, r) (set at SNR 200; at lower SNR the same weights let the solve fit noise,
+    decision 022) and the pseudo-Huber δ × √r (δ ∝ the maps' noise SD, which separates noise from edges;
+    decision 023). (1, 1) without a reference or a prior."""
     reference = run.config.unroll.prior_noise_reference
     if not reference or run.objective.prior is None:
-        return 1.0
-    return max(1.0, noise_level(run.physics, run.llr()[0]) / reference)
+        return 1.0, 1.0
+    ratio = noise_level(run.physics, run.llr()[0]) / reference
+    return max(1.0, ratio), math.sqrt(max(ratio, 1e-6))
 
 
 def classical_minimum(run, objective=None, inr_state=None):
@@ -54,9 +57,10 @@ def classical_minimum(run, objective=None, inr_state=None):
     objective = objective or run.objective
     which = run.config.unroll.start
     if "prior_scale" not in run.start_choice:   # once per run, the same for every objective it solves
-        run.start_choice["prior_scale"] = prior_scale(run)
-    objective.set_prior_scale(run.start_choice["prior_scale"])
-    run.objective.set_prior_scale(run.start_choice["prior_scale"])   # the learned iterations' objective
+        run.start_choice["prior_scale"], run.start_choice["edge_scale_factor"] = prior_scale(run)
+    scales = run.start_choice["prior_scale"], run.start_choice["edge_scale_factor"]
+    objective.set_prior_scale(*scales)
+    run.objective.set_prior_scale(*scales)   # the learned iterations' objective
     starts = {}
     if which in ("inr", "best"):
         W, c0 = inr_state if inr_state is not None else run.inr_state(backward=False)[:2]
@@ -67,6 +71,7 @@ def classical_minimum(run, objective=None, inr_state=None):
     solved, values = {}, {}
     with torch.no_grad():
         for name, (c, z) in starts.items():
+            run.progress(f"classical solve from the {name.upper()} start")
             q, zz = run.unrolled.warm_start(objective.start(c), objective, z, run.physics.tissue)
             solved[name], values[name] = (q, zz), float(objective.value(q, zz))
     finite = {k: v for k, v in values.items() if math.isfinite(v)}

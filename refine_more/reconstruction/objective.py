@@ -38,15 +38,20 @@ class RefinementObjective:
         prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness, config.map_edge_scale)
         self.prior = prior if prior.active else None
         self._prior_curvature = prior.hessian_diagonal() if prior.active else None  # constant: once
-        self._prior_factor = 1.0
+        self._prior_factor = self._edge_factor = 1.0
 
-    def set_prior_scale(self, factor: float) -> None:
-        """The prior's weights = `factor` × those it was built with (`classical.prior_scale`: the
-        scan's noise); setting it again replaces, never compounds."""
-        if self.prior is None or factor == self._prior_factor:
+    def set_prior_scale(self, factor: float, edge_factor: float = 1.0) -> None:
+        """The prior's weights = `factor` × those it was built with, its pseudo-Huber δ = `edge_factor` ×
+        `unroll.map_edge_scale` (`classical.prior_scale`: the scan's noise); setting them again
+        replaces, never compounds."""
+        if self.prior is None:
             return
-        self.prior.weights = self.prior.weights * (factor / self._prior_factor)
-        self._prior_curvature, self._prior_factor = self.prior.hessian_diagonal(), factor
+        if edge_factor != self._edge_factor:
+            self.prior.edge_scale = self.prior.edge_scale * (edge_factor / self._edge_factor)
+            self._edge_factor = edge_factor
+        if factor != self._prior_factor:
+            self.prior.weights = self.prior.weights * (factor / self._prior_factor)
+            self._prior_curvature, self._prior_factor = self.prior.hessian_diagonal(), factor
 
     def start(self, channels: torch.Tensor) -> torch.Tensor:
         """The refinement's starting channels: sign-canonical when the prior is on (it acts on the

@@ -92,11 +92,23 @@ class ReconRun:
     start_choice: dict = field(default_factory=dict)   # the warm start's start and objectives (classical.py)
     _llr: object = None              # (LLR images, their fit's channels), computed once (classical.llr_start)
     inr_outputs: object = None       # (W, Q⁽⁰⁾) of an INR that stage 2 leaves as it is (the warm-start path)
+    on_progress: object = None       # callable(phase, done, total): where the run is (a cohort's progress file)
+
+    def progress(self, phase: str, done: int = 0, total: int = 0) -> None:
+        """Tell `on_progress` where the run is. A failed report is a warning: it never costs the run."""
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(phase, done, total)
+        except Exception as exc:
+            warnings.warn(f"{self.subject.subject_id}: progress not reported: {type(exc).__name__}: {exc}")
+            self.on_progress = None
 
     def llr(self) -> tuple:
         """The LLR images and their voxel-wise fit, computed once: the warm start's 'llr' start and
         QC's reference point share them (timed as ``timings['llr']``)."""
         if self._llr is None:
+            self.progress("LLR images")
             t = time.perf_counter()
             with torch.no_grad():
                 self._llr = llr_start(self.physics, self.config)
@@ -152,7 +164,7 @@ class ReconRun:
 
 
 def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True, progress_desc=None,
-          release_kspace=False) -> ReconRun:
+          release_kspace=False, on_progress=None) -> ReconRun:
     """The physics, the objective and the models of one reconstruction, scratch or adapted.
     ``release_kspace``: the caller owns `subject` and drops its acquired k-space once the physics has
     its own copy (`Subject.release_kspace`; memory at real size)."""
@@ -185,7 +197,8 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
     objective = RefinementObjective(prob, config.unroll, image_chunk=chunk)
     run = ReconRun(subject=subject, config=config, physics=prob, objective=objective,
                    inr=inr, unrolled=unrolled, method=method, schedule=schedule,
-                   params={"stage1": stage1, "stage2": stage2}, reference=reference, t_start=t_start)
+                   params={"stage1": stage1, "stage2": stage2}, reference=reference, t_start=t_start,
+                   on_progress=on_progress)
     run.timings["setup"] = time.perf_counter() - t_start
     run.bar = tqdm(total=schedule["n1"] + schedule["n2"], desc=progress_desc or subject.subject_id,
                    disable=not config.progress, leave=False)
@@ -198,6 +211,7 @@ def train_inr(run: ReconRun) -> None:
     opt = adam(run.params["stage1"], s["lr1"])
     totals, it = [], -1
     images = torch.Generator().manual_seed(run.config.seed)      # the subsets of `stage1_images`
+    run.progress("stage 1", 0, s["n1"])
     for it in range(s["n1"]):
         opt.zero_grad(set_to_none=True)
         c0, loss1, loss2 = run.stage1_losses(images)
@@ -207,6 +221,7 @@ def train_inr(run: ReconRun) -> None:
         run.log(1, it, s["n1"], {"loss1": loss1, "loss2": loss2, "loss": total}, c0)
         run.bar.update(1)
         run.bar.set_postfix(stage=1, l1=f"{loss1.item():.3g}", l2=f"{loss2.item():.3g}")
+        run.progress("stage 1", it + 1, s["n1"])
         if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
             break
     run.done["stage1"] = it + 1
@@ -259,6 +274,7 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
                 outs[-1][0], c0)
         run.bar.update(1)
         run.bar.set_postfix(stage=2, l3=f"{loss3.item():.4g}")
+        run.progress("stage 2", it + 1, s["n2"])
         if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
             break
     run.done["stage2"] = it + 1
@@ -290,6 +306,7 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
         run.log(2, it, s["n2"], {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}, outs[-1][0], c0)
         run.bar.update(1)
         run.bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")
+        run.progress("stage 2", it + 1, s["n2"])
         if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
             break
     run.done["stage2"] = it + 1
@@ -321,6 +338,7 @@ def finish(run: ReconRun, final: torch.Tensor, diagnostics: bool = False) -> Res
             raise FloatingPointError(f"{run.subject.subject_id}: non-finite maps")
     trainable = {k: sum(p.numel() for p in v) for k, v in run.params.items()}
     t_qc = time.perf_counter()
+    run.progress("quality control")
     phase = run.final_phase if run.final_phase is not None else prob.background_phase(W)
     report = assess(prob, final, phase, run.config, llr=run._llr)
     run.timings["qc"] = time.perf_counter() - t_qc
@@ -341,6 +359,7 @@ def _diagnostics(run: ReconRun, final: torch.Tensor, W: torch.Tensor, maps: dict
     from refine_more.reconstruction import diagnostics
 
     t = time.perf_counter()
+    run.progress("report diagnostics")
     try:
         return diagnostics.compute(run, final, W, maps)
     except Exception as exc:      # a report's extras never cost a reconstruction
@@ -351,12 +370,14 @@ def _diagnostics(run: ReconRun, final: torch.Tensor, W: torch.Tensor, maps: dict
 
 
 def reconstruct(subject, config: ReconConfig | None = None, seed_state=None, *, track_reference: bool = True,
-                progress_desc: str | None = None, diagnostics: bool = False, release_kspace: bool = False) -> Result:
+                progress_desc: str | None = None, diagnostics: bool = False, release_kspace: bool = False,
+                on_progress=None) -> Result:
     """Reconstruct I0, T1F, f, kF for one subject. With `seed_state`, adapt instead (paper §2.4).
     ``diagnostics``: also what a report shows beside the maps (``Result.diagnostics``).
-    ``release_kspace``: drop `subject.kspace` once the physics holds its copy (callers that read the file)."""
+    ``release_kspace``: drop `subject.kspace` once the physics holds its copy (callers that read the file).
+    ``on_progress``: called with (phase, done, total) as the run goes (`ReconRun.progress`)."""
     run = setup(subject, config or ReconConfig(), seed_state, track_reference=track_reference,
-                progress_desc=progress_desc, release_kspace=release_kspace)
+                progress_desc=progress_desc, release_kspace=release_kspace, on_progress=on_progress)
     train_inr(run)
     final = train_refinement(run)
     return finish(run, final, diagnostics)

@@ -76,6 +76,7 @@ def train_self_supervised(run) -> torch.Tensor:
         opt.step()
         run.bar.update(1)
         run.bar.set_postfix(stage=2, heldout=f"{loss.item():.4g}", best=f"{best:.4g}")
+        run.progress("stage 2 (self-supervised)", it + 1, s["n2"])
         if (it + 1) % cfg.ssdu_validate_every == 0 or it == s["n2"] - 1:
             value = score()
             if not value < best:  # NaN included

@@ -43,3 +43,21 @@ def test_setting_the_prior_scale_replaces_it_and_leaves_the_data_term_alone():
     off = RefinementObjective(physics, apply_overrides(preset("small"), ["unroll.map_smoothness=[0,0,0,0]"]).unroll)
     off.set_prior_scale(4.0)                          # no prior: nothing to scale
     assert off.prior is None
+
+
+def test_the_edge_scale_follows_the_noise_and_replaces():
+    """δ × edge_factor (decision 023): a jump of 1 in a normalised channel costs ≈ 2δ·1 under the
+    pseudo-Huber penalty, so its cost follows δ; setting the factor again replaces it."""
+    subject = simulate_subject("sub-n", SimulationConfig(matrix=(4, 16, 16), n_coils=4), seed=3)
+    physics = ScanPhysics(subject, preset("small"), CPU)
+    config = apply_overrides(preset("small"), ["unroll.map_edge_scale=[0,0.01,0.01,0]"]).unroll
+    objective = RefinementObjective(physics, config)
+    q = objective.start(physics.scaling.initial_raw().view(-1, 1, 1, 1).expand(-1, *subject.shape).clone())
+    q[1:3, :, :, : subject.shape[2] // 2] += 1.0      # a step edge in T1F and f, far above δ
+    edge = float(objective.prior.value(q))
+    objective.set_prior_scale(1.0, 2.0)
+    objective.set_prior_scale(1.0, 2.0)               # again: replaces, never compounds
+    assert float(objective.prior.value(q)) == pytest.approx(2 * edge, rel=0.02)
+    assert torch.allclose(objective.prior.edge_scale, torch.tensor([0, 0.02, 0.02, 0]))
+    objective.set_prior_scale(3.0, 1.0)               # the weights and δ apart
+    assert float(objective.prior.value(q)) == pytest.approx(3 * edge, rel=1e-5)
