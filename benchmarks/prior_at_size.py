@@ -4,7 +4,10 @@ prior's weight, set at 6×32×32, too weak for smaller voxels, or does the L-BFG
 
 `large`'s classical solve (the product's stage 2 at real size, from the LLR fit alone) on one
 simulated subject (a seed outside every scored set), with the prior's weights × each factor and
-the solve continued past its 32 iterations. The LLR images are computed once and shared. The truth
+the solve continued past its 32 iterations (each segment is a fresh `quasi_newton` call from where
+the last ended: its first descent steps again, a new L-BFGS memory). The product's own factor at
+this noise (decision 022, `prior_scale`) is recorded; the factors here multiply the tuned weights.
+The LLR images are computed once and shared. The truth
 only scores; nothing chooses by it here: the result is a measurement for a decision, not a tuner.
 
     python benchmarks/prior_at_size.py [--matrix 24 88 88] [--coils 20] [--seed 7000]
@@ -24,7 +27,7 @@ import torch
 from refine_more.config import apply_overrides, preset
 from refine_more.evaluation.simulate import SimulationConfig, simulate_subject
 from refine_more.files.atomic import atomic_write_text
-from refine_more.reconstruction.classical import noise_level
+from refine_more.reconstruction.classical import noise_level, prior_scale
 from refine_more.reconstruction.recon import setup
 from refine_more.reconstruction.unrolled import quasi_newton
 
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     images, channels = run.llr()
     doc = {"matrix": a.matrix, "coils": a.coils, "seed": a.seed, "preset": "large", "threads": a.threads,
            "llr_s": run.timings["llr"], "llr_nrmse": run._score(channels, ""),
-           "nu_over_s": noise_level(run.physics, images), "points": []}
+           "nu_over_s": noise_level(run.physics, images), "product_prior_scale": prior_scale(run)[0], "points": []}
     print(json.dumps({k: v for k, v in doc.items() if k != "points"}), flush=True)
     z0, tissue = run.physics.background_phase(images), run.physics.tissue
     for factor in a.factors:

@@ -183,7 +183,7 @@ class _Scheduler:
     def _refresh(self):
         # in_flight: submitted, not yet finished (queued or running); now: where the running ones are
         running = [(e.subject_id, m) for k, e, m in self.pending.values() if k != "warm_up"]
-        now = describe_progress(self.out_dir, running, since=self.started)
+        now = "" if self.bar.disable else describe_progress(self.out_dir, running, since=self.started)
         self.bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"], in_flight=len(running),
                              **({"now": now} if now else {}), refresh=False)
         self.bar.refresh()

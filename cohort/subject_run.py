@@ -26,6 +26,7 @@ def _fresh_dir(odir: Path) -> None:
     """The subject folder, with nothing in it that passes for a finished result."""
     odir.mkdir(parents=True, exist_ok=True)
     (odir / DONE).unlink(missing_ok=True)          # a redo is not "done" until it finishes
+    (odir / PROGRESS_FILE).unlink(missing_ok=True)  # a killed attempt's phase is not this one's
     # temporaries of an attempt that was killed mid-write (SIGKILL skips atomic_path's clean-up);
     # one attempt writes a subject folder at a time (Ray retries only after a worker died)
     for stale in odir.glob(".*.tmp*"):

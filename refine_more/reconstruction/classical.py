@@ -45,6 +45,8 @@ def prior_scale(run) -> tuple:
     if not reference or run.objective.prior is None:
         return 1.0, 1.0
     ratio = noise_level(run.physics, run.llr()[0]) / reference
+    if not math.isfinite(ratio):      # the LLR images' residual is not a number: QC flags it; keep the tuned prior
+        return 1.0, 1.0
     return max(1.0, ratio), math.sqrt(max(ratio, 1e-6))
 
 
@@ -57,8 +59,10 @@ def classical_minimum(run, objective=None, inr_state=None):
     objective = objective or run.objective
     which = run.config.unroll.start
     if "prior_scale" not in run.start_choice:   # once per run, the same for every objective it solves
-        run.start_choice["prior_scale"], run.start_choice["edge_scale_factor"] = prior_scale(run)
-    scales = run.start_choice["prior_scale"], run.start_choice["edge_scale_factor"]
+        run.start_choice["prior_scale"], edge = prior_scale(run)
+        if any(float(d) > 0 for d in run.config.unroll.map_edge_scale):
+            run.start_choice["edge_scale_factor"] = edge
+    scales = run.start_choice["prior_scale"], run.start_choice.get("edge_scale_factor", 1.0)
     objective.set_prior_scale(*scales)
     run.objective.set_prior_scale(*scales)   # the learned iterations' objective
     starts = {}

@@ -4,6 +4,8 @@ nuisance (phase) steps the unrolled and classical solvers (unrolled.py) ask of i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from refine_more.reconstruction.losses import physics_consistency_chunked
@@ -44,6 +46,8 @@ class RefinementObjective:
         """The prior's weights = `factor` × those it was built with, its pseudo-Huber δ = `edge_factor` ×
         `unroll.map_edge_scale` (`classical.prior_scale`: the scan's noise); setting them again
         replaces, never compounds."""
+        if not (math.isfinite(factor) and factor > 0 and math.isfinite(edge_factor) and edge_factor > 0):
+            raise ValueError(f"prior scale factors must be finite and > 0, got {factor!r}, {edge_factor!r}")
         if self.prior is None:
             return
         if edge_factor != self._edge_factor:

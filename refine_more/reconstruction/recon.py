@@ -262,6 +262,7 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
         run.timings["warm_start"] = time.perf_counter() - t
     opt = adam(params, s["lr2"])
     totals, it = [], -1
+    run.progress("stage 2", 0, s["n2"])
     for it in range(s["n2"]):
         opt.zero_grad(set_to_none=True)
         outs = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)
@@ -290,6 +291,7 @@ def _train_jointly(run: ReconRun) -> torch.Tensor:
     s, term, prob, inr = run.schedule, run.objective, run.physics, run.inr
     opt = adam(run.params["stage2"], s["lr2"])
     totals, it = [], -1
+    run.progress("stage 2", 0, s["n2"])
     for it in range(s["n2"]):
         opt.zero_grad(set_to_none=True)
         if run.chunk:  # loss 1 + 2 backpropagated chunk by chunk; loss 3 through fresh maps

@@ -66,6 +66,7 @@ def train_self_supervised(run) -> torch.Tensor:
             return float(held_out_loss(run.unrolled, rest_start, rest_objective, validation, prob.tissue))
 
     best, best_state, since_best, it = score(), copy.deepcopy(run.unrolled.state_dict()), 0, -1
+    run.progress("stage 2 (self-supervised)", 0, s["n2"])
     for it in range(s["n2"]):
         objective, start, held = splits[it % len(splits)]
         opt.zero_grad(set_to_none=True)

@@ -61,3 +61,5 @@ def test_the_edge_scale_follows_the_noise_and_replaces():
     assert torch.allclose(objective.prior.edge_scale, torch.tensor([0, 0.02, 0.02, 0]))
     objective.set_prior_scale(3.0, 1.0)               # the weights and δ apart
     assert float(objective.prior.value(q)) == pytest.approx(3 * edge, rel=1e-5)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        objective.set_prior_scale(1.0, float("nan"))
