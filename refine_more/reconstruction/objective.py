@@ -40,7 +40,8 @@ class RefinementObjective:
         prior = MapSmoothness.relative_to(curvature, problem.tissue, config.map_smoothness, config.map_edge_scale)
         self.prior = prior if prior.active else None
         self._prior_curvature = prior.hessian_diagonal() if prior.active else None  # constant: once
-        self._prior_factor = self._edge_factor = 1.0
+        # the weights and δ as built: `set_prior_scale` scales these, so setting it again replaces
+        self._built = (prior.weights.clone(), prior.edge_scale.clone()) if prior.active else None
 
     def set_prior_scale(self, factor: float, edge_factor: float = 1.0) -> None:
         """The prior's weights = `factor` × those it was built with, its pseudo-Huber δ = `edge_factor` ×
@@ -50,12 +51,9 @@ class RefinementObjective:
             raise ValueError(f"prior scale factors must be finite and > 0, got {factor!r}, {edge_factor!r}")
         if self.prior is None:
             return
-        if edge_factor != self._edge_factor:
-            self.prior.edge_scale = self.prior.edge_scale * (edge_factor / self._edge_factor)
-            self._edge_factor = edge_factor
-        if factor != self._prior_factor:
-            self.prior.weights = self.prior.weights * (factor / self._prior_factor)
-            self._prior_curvature, self._prior_factor = self.prior.hessian_diagonal(), factor
+        weights, edge_scale = self._built
+        self.prior.weights, self.prior.edge_scale = weights * factor, edge_scale * edge_factor
+        self._prior_curvature = self.prior.hessian_diagonal()
 
     def start(self, channels: torch.Tensor) -> torch.Tensor:
         """The refinement's starting channels: sign-canonical when the prior is on (it acts on the
