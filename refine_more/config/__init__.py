@@ -4,8 +4,7 @@ one loader for files and ``KEY=VALUE`` overrides, and a stable hash.
 Every value that enters a config through :meth:`ReconConfig.from_dict` (files, overrides, the
 dicts Ray tasks receive) is checked against its field's type, ``Literal`` choices included, so
 ``iters_stage1 = "100"`` fails at load, naming the key; :mod:`refine_more.config.checks` then
-checks the ranges (``iters_stage1 = -5`` fails too) and reads the files (syntax errors: one line).
-"""
+checks the ranges (``iters_stage1 = -5`` fails too) and reads the files (syntax errors: one line)."""
 from __future__ import annotations
 
 import dataclasses
@@ -297,10 +296,10 @@ def preset(name: str) -> ReconConfig:
             # converged solver); 4 phase steps per map step; exact unrolled backprop (from a
             # converged warm start the first-order one diverged: decision 002); a quartic phase
             # per image (B0 drift; decision 011); the better of the INR and LLR starts (021); the prior
-            # grows with the noise above SNR-200 levels (022)
+            # grows with the noise above SNR-200 levels (022); T1F, f keep edges above a noise-following δ (023)
             unroll=UnrollConfig(iterations=4, unet_width=8, unet_levels=2, warm_start_steps=256, warm_start_solver="lbfgs",
                                 phase_steps=4, map_smoothness=(3e-4, 1e-4, 3e-3, 0.0), create_graph=True,
-                                image_phase_order=4, start="best", prior_noise_reference=3e-5),
+                                image_phase_order=4, start="best", prior_noise_reference=3e-5, map_edge_scale=(0., .34, .34, 0.)),
             # the warm start converges from the adapted INR as from the scratch one once the adapted
             # stage 1 has fitted the images roughly: with the L-BFGS warm start 60 iterations end
             # within the scratch-vs-scratch noise on cohorts A and B (README); with the earlier
@@ -314,7 +313,8 @@ def preset(name: str) -> ReconConfig:
         small = preset("small")
         return small.replace(
             coil_compression=0.99, stage1_images=1, iters_stage1=40, iters_stage2=5,
-            unroll=dataclasses.replace(small.unroll, iterations=1, phase_steps=1, warm_start_steps=32, start="llr"),
+            unroll=dataclasses.replace(small.unroll, iterations=1, phase_steps=1, warm_start_steps=32, start="llr",
+                                       map_edge_scale=(0.,) * 4),  # 023 not yet measured at real size
             adapt=dataclasses.replace(small.adapt, iters_stage1=20, iters_stage2=5))
     if name == "tiny":
         return ReconConfig(

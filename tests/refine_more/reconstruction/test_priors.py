@@ -103,7 +103,9 @@ def test_regularised_descent_converges_to_the_same_maps_from_different_starts():
     # the thresholds below are for these weights (`small`'s until session 5) and one phase step
     for label, rho in (("prior", (1e-3, 3e-4, 1e-2, 0.0)), ("none", (0.0,) * 4)):
         cfg = preset("small")
-        cfg.unroll.map_smoothness, cfg.unroll.phase_steps = rho, 1
+        # the quadratic prior (decision 005); the pseudo-Huber one (023) is convex too, but plain descent
+        # closes its gap more slowly (T1F 2.1 % after 240 steps)
+        cfg.unroll.map_smoothness, cfg.unroll.map_edge_scale, cfg.unroll.phase_steps = rho, (0.0,) * 4, 1
         prob = Problem(subject, cfg, torch.device("cpu"))
         term = MapDataTerm(prob, cfg.unroll)
         assert (term.prior is not None) == (label == "prior")
