@@ -271,6 +271,15 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def _row_peak(r, sampled) -> dict:
+    """The task's own peak (results.parquet's peak_rss_GiB, cohort/memory.py) when the run measured it;
+    else the sampler's largest Ray task process, which a reused worker shares between its tasks."""
+    own = getattr(r, "peak_rss_GiB", None)
+    if own is not None and np.isfinite(own):
+        return {"peak_rss_GiB": float(own), "peak_rss_note": "the task's own peak (VmHWM reset at its start)"}
+    return {"peak_rss_GiB": sampled, "peak_rss_note": "largest Ray task process over the whole run (sampled every 2 s)"}
+
+
 def rows_from_cohort(cohorts: list, rss_json, threads: int, log) -> list:
     """Rows of finished cohort runs (a seed's run and, e.g., a `--seed-from` run adapting from it):
     one per ok (subject, mode), each with the LLR fit of its subject (a run's own LLR start when it
@@ -319,7 +328,7 @@ def rows_from_cohort(cohorts: list, rss_json, threads: int, log) -> list:
             "is_seed": bool(r.is_seed), "preset": "large" if config.hash() == _preset_hash("large") else "custom",
             "overrides": [], "threads": threads, "voxels_images_coils": int(np.prod(shape)) * int(T) * int(C),
             "wall_s": float(r.total_s), "task_wall_s": float(r.wall_s), "qc_s": float(r.qc_s),
-            "peak_rss_GiB": peak, "peak_rss_note": "largest Ray task process over the whole run (sampled every 2 s)",
+            **_row_peak(r, peak),
             "s_per_iteration": per_it, "s_per_iteration_note": "stage 2 includes the LLR images and the warm start",
             "timings_s": {"setup": r.setup_s, "stage1": r.stage1_s, "stage2": r.stage2_s, "total": r.total_s, "qc": r.qc_s},
             "iterations": {"stage1": int(r.iterations_stage1), "stage2": int(r.iterations_stage2)},

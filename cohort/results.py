@@ -41,7 +41,7 @@ QC_METRIC_COLUMNS = [f"qc_{m}" for m in SCALAR_METRICS]
 COLUMNS = [
     "subject_id", "mode", "status", "qc_status", "qc_reasons", "error", "resumed", "is_seed", "seed_subject",
     "method", "warm_start_from", "prior_scale", "node", "node_id",
-    "device", "setup_s", "stage1_s", "stage2_s", "total_s", "qc_s", "wall_s", "iterations_stage1",
+    "device", "setup_s", "stage1_s", "stage2_s", "total_s", "qc_s", "wall_s", "peak_rss_GiB", "iterations_stage1",
     "iterations_stage2", "trainable_stage1", "trainable_stage2",
     "loss_final", "loss1_final", "loss2_final", "loss3_final",
     *[f"{m}_{p}" for p in MAP_NAMES for m in ("nrmse", "ssim")], *QC_METRIC_COLUMNS,

@@ -16,6 +16,7 @@ from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import MAP_NAMES
 
 from . import plots
+from .memory import peak_rss_gib, reset_peak_rss
 from .resume import input_digest
 from .progress import PROGRESS_FILE, ProgressFile
 from .results import (CONFIG_FILE, DONE, MODES, QC_FILE, SEED_STATE_FILE, clean, history_csv,
@@ -106,6 +107,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
     if mode == "adapted" and seed_state is None:
         raise ValueError("an adapted reconstruction needs a seed state")
     started = time.time()
+    measured = reset_peak_rss()     # the worker may have run another subject before: this one's peak alone
     config = ReconConfig.from_dict(config_dict)
     inputs = input_digest(path)
     subject = read_subject(path, load_reference="maps")   # scores need the maps; kspace_full is as large as the data
@@ -131,6 +133,7 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
             SeedState.from_result(result).save(odir / SEED_STATE_FILE)
         row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
                    scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
+        row["peak_rss_GiB"] = peak_rss_gib() if measured else None   # reading, reconstruction, outputs
         row.update(_report(odir, row, result))
         progress.remove()
         write_json(odir / DONE, row)                   # LAST: marks it done

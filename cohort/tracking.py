@@ -310,7 +310,7 @@ class CohortTracker:
         if lora_rank is not None:
             params["lora_rank"] = lora_rank
         metrics = self._metrics({k: row.get(k) for k in row if k.endswith("_s") or k.startswith(
-            ("loss", "nrmse_", "ssim_")) or k in QC_METRIC_COLUMNS})
+            ("loss", "nrmse_", "ssim_")) or k in QC_METRIC_COLUMNS or k == "peak_rss_GiB"})
         curve = []
         if history:
             from mlflow.entities import Metric

@@ -51,6 +51,7 @@ def test_the_row_done_json_and_qc_json_carry_the_qc(seeds, tiny_config):
     assert "(image 3:" in flagged["qc_reasons"] and flagged["qc_worst_image"] == 3
     assert all(isinstance(flagged[c], (int, float)) for c in QC_METRIC_COLUMNS if c != "qc_fraction_k_at_band_edges")
     assert flagged["qc_s"] > 0
+    assert 0.1 < flagged["peak_rss_GiB"] < 8, flagged["peak_rss_GiB"]   # measured in the task (cohort/memory.py)
     done = json.loads((subject_dir(out, "sub-002", "scratch") / "done.json").read_text())
     assert done["qc_status"] == "flagged" and done["qc_reasons"] == flagged["qc_reasons"]
     report = json.loads((subject_dir(out, "sub-002", "scratch") / QC_FILE).read_text())
@@ -106,6 +107,6 @@ def test_the_child_run_has_the_qc_tag_and_metrics(seeds, tiny_config, tmp_path):
     run = MlflowClient(tracker.uri).get_run(rid)
     assert run.data.tags["qc_status"] == "flagged" and run.data.tags["qc_reasons"] == flagged["qc_reasons"]
     assert run.data.metrics["qc_image_residual_ratio"] == pytest.approx(flagged["qc_image_residual_ratio"])
-    assert "qc_s" in run.data.metrics
+    assert "qc_s" in run.data.metrics and run.data.metrics["peak_rss_GiB"] > 0.1
     artifacts = {a.path for a in MlflowClient(tracker.uri).list_artifacts(rid)}
     assert QC_FILE in artifacts
