@@ -35,7 +35,7 @@ from refine_more.reconstruction.recon import reconstruct
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("objective_ratio", "model_excess", "objective_llr_images", "image_residual_ratio", "worst_image",
-           "fraction_T1F_at_bounds", "fraction_f_at_bounds", "fraction_k_at_band_edges")
+           "fraction_T1F_at_bounds", "fraction_f_at_one", "fraction_f_at_zero", "fraction_k_at_band_edges")
 
 
 def _row(case: str, subject, result) -> dict:

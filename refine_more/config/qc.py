@@ -15,7 +15,7 @@ OK, FLAGGED = "ok", "flagged"
 #: the metrics that are single numbers (results tables, MLflow); `judge` needs only these
 SCALAR_METRICS = ("objective_final", "objective_llr_start", "objective_ratio", "objective_llr_images",
                   "model_excess", "image_residual_ratio", "worst_image", "fraction_T1F_at_bounds",
-                  "fraction_f_at_bounds", "fraction_k_at_band_edges")
+                  "fraction_f_at_one", "fraction_f_at_zero", "fraction_k_at_band_edges")
 #: a metric that may be absent: k has no band edges when its band is a point
 OPTIONAL_METRICS = ("fraction_k_at_band_edges",)
 
@@ -39,9 +39,10 @@ class QCConfig:
     this multiple of the median over the images (a corrupt image, drift, a wrong flip angle). 0: off."""
     max_fraction_at_bounds: float = 0.05
     """Flag when more than this fraction of the tissue voxels sits at a bound of one map: T1F at its
-    clamp, f within `f_edge` of 0 or 1, k within `k_edge` of a band edge (a band that is not a point). 0: off."""
+    clamp, f within `f_edge` of 1, k within `k_edge` of a band edge (a band that is not a point). f at 0
+    is not judged: free water (a phantom's bath, CSF) has no bound pool. 0: off."""
     f_edge: float = 1e-3
-    """f within this of 0 or of 1 counts as at a bound."""
+    """f within this of 1 counts as at a bound (within this of 0: reported as `fraction_f_at_zero`)."""
     k_edge: float = 0.01
     """k within this fraction of the band's width of one of its ends counts as at a bound."""
     phase_steps: int = 8
@@ -70,7 +71,7 @@ def _reason_texts(m: dict) -> dict:
 #: (metric, threshold field of QCConfig); a threshold of 0 turns its check off
 CHECKS = (("objective_ratio", "max_objective_ratio"), ("model_excess", "max_model_excess"),
           ("objective_llr_images", "max_unexplained"), ("image_residual_ratio", "max_image_residual_ratio"),
-          ("fraction_T1F_at_bounds", "max_fraction_at_bounds"), ("fraction_f_at_bounds", "max_fraction_at_bounds"),
+          ("fraction_T1F_at_bounds", "max_fraction_at_bounds"), ("fraction_f_at_one", "max_fraction_at_bounds"),
           ("fraction_k_at_band_edges", "max_fraction_at_bounds"))
 
 

@@ -107,8 +107,9 @@ def _squared_residuals(physics, images: torch.Tensor) -> np.ndarray:
 
 
 def fraction_at_bounds(maps: dict, tissue: torch.Tensor, scaling, qc) -> dict:
-    """Fractions of the tissue voxels at a bound: T1F at its clamp, f within `qc.f_edge` of 0 or 1,
-    k within `qc.k_edge` of the band's width of an end (None when the band is a point)."""
+    """Fractions of the tissue voxels at a bound: T1F at its clamp, f within `qc.f_edge` of 1, k within
+    `qc.k_edge` of the band's width of an end (None when the band is a point). f near 0 is reported
+    apart (`fraction_f_at_zero`), not judged: free water (a phantom's bath, CSF) has no bound pool."""
     def share(at_bound) -> float:
         inside = at_bound[tissue]
         return float(inside.float().mean()) if inside.numel() else 0.0
@@ -116,7 +117,7 @@ def fraction_at_bounds(maps: dict, tissue: torch.Tensor, scaling, qc) -> dict:
     lo, hi = scaling.T1_bounds
     T1F, f, k = maps["T1F"], maps["f"], maps["k"]
     out = {"fraction_T1F_at_bounds": share((T1F <= lo * (1 + 1e-4)) | (T1F >= hi * (1 - 1e-4))),
-           "fraction_f_at_bounds": share((f < qc.f_edge) | (f > 1 - qc.f_edge)),
+           "fraction_f_at_one": share(f > 1 - qc.f_edge), "fraction_f_at_zero": share(f < qc.f_edge),
            "fraction_k_at_band_edges": None}
     k_lo, k_hi = scaling.k_band
     if k_hi > k_lo:

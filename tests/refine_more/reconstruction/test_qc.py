@@ -62,13 +62,14 @@ class _Untouchable(dict):
 def test_judge_names_the_metric_its_value_and_the_threshold():
     metrics = {"objective_final": 2e-3, "objective_llr_start": 1e-3, "objective_ratio": 2.0,
                "objective_llr_images": 1e-4, "model_excess": 20.0, "image_residual_ratio": 9.0, "worst_image": 3,
-               "fraction_T1F_at_bounds": 0.0, "fraction_f_at_bounds": 0.2, "fraction_k_at_band_edges": None}
+               "fraction_T1F_at_bounds": 0.0, "fraction_f_at_one": 0.2, "fraction_f_at_zero": 0.6,
+               "fraction_k_at_band_edges": None}
     status, reasons = judge(metrics, QCConfig())
     assert status == "flagged" and len(reasons) == 4
     assert reasons[0].startswith("objective_ratio 2 > 1 (") and "of the LLR-fit start 0.001" in reasons[0]
     assert reasons[1].startswith("model_excess 20 > 4 (")
     assert reasons[2].startswith("image_residual_ratio 9 > 2 (image 3:")
-    assert reasons[3] == "fraction_f_at_bounds 0.2 > 0.05"
+    assert reasons[3] == "fraction_f_at_one 0.2 > 0.05"      # f at 0 is free water: reported, not judged
     calm = QCConfig(max_objective_ratio=0, max_model_excess=0, max_image_residual_ratio=0, max_fraction_at_bounds=0)
     assert judge(metrics, calm) == ("ok", [])                      # 0 turns a check off
     assert judge({**metrics, "worst_image": 3.0}, QCConfig())[1][2].startswith("image_residual_ratio 9 > 2 (image 3:")
@@ -76,7 +77,7 @@ def test_judge_names_the_metric_its_value_and_the_threshold():
 
 def test_a_metric_that_could_not_be_measured_flags_except_the_k_band_edges():
     metrics = dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images", "image_residual_ratio",
-                             "fraction_T1F_at_bounds", "fraction_f_at_bounds"), 0.0)
+                             "fraction_T1F_at_bounds", "fraction_f_at_one"), 0.0)
     assert judge({**metrics, "fraction_k_at_band_edges": math.nan}, QCConfig()) == ("ok", [])   # k held fixed
     status, reasons = judge({**metrics, "model_excess": math.nan}, QCConfig())
     assert status == "flagged" and reasons == ["model_excess could not be measured (nan)"]
@@ -116,3 +117,27 @@ def test_broken_inputs_are_flagged(files, breakage, metric):
 def test_small_flags_every_broken_input_and_not_the_clean_one(files, case):
     qc = _qc(files[case], "small")
     assert qc.status == ("ok" if case == "clean" else "flagged"), (qc.reasons, qc.metrics)
+
+
+def test_free_water_at_f_zero_is_not_a_bound_failure_and_f_at_one_is():
+    """The vial phantom's bath has no bound pool (f = 0: CSF is the brain's case): its true maps are
+    reported with `fraction_f_at_zero` and judged ok; the same maps with f pinned at 1 are flagged."""
+    import torch
+
+    from refine_more.evaluation.phantom import PhantomConfig, simulate_phantom
+    from refine_more.physics.scaling import MapScaling
+    from refine_more.reconstruction.qc import fraction_at_bounds
+
+    subject = simulate_phantom("ph-001", PhantomConfig(matrix=(2, 32, 32), n_coils=2))
+    maps = {n: torch.from_numpy(np.asarray(subject.reference[n], dtype=np.float64)) for n in ("T1F", "f")}
+    maps["k"] = torch.full_like(maps["f"], 23.0)
+    tissue = torch.from_numpy(subject.tissue_mask.astype(bool))
+    qc, scaling = QCConfig(), MapScaling(I0_scale=1.0, k_band=(23.0, 23.0))
+    fractions = fraction_at_bounds(maps, tissue, scaling, qc)
+    assert fractions["fraction_f_at_zero"] > 0.3 and fractions["fraction_f_at_one"] == 0.0, fractions
+    assert judge({**fractions, **dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images",
+                                                  "image_residual_ratio"), 0.0)}, qc) == ("ok", [])
+    pinned = fraction_at_bounds({**maps, "f": torch.where(maps["f"] > 0, 1.0, 0.0).double()}, tissue, scaling, qc)
+    assert pinned["fraction_f_at_one"] > 0.05
+    assert judge({**pinned, **dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images",
+                                               "image_residual_ratio"), 0.0)}, qc)[0] == "flagged"
