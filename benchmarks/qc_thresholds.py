@@ -125,6 +125,9 @@ def main():
     if args.rejudge:
         stored = json.loads(out.read_text())
         rows, meta = stored.pop("rows"), {k: v for k, v in stored.items() if k not in ("thresholds", "summary")}
+        for r in rows:   # results from before session 15: f near 0 or 1 (an upper bound of f at 1); f at 0 unknown
+            if "fraction_f_at_one" not in r:
+                r["fraction_f_at_one"], r["fraction_f_at_zero"] = r.pop("fraction_f_at_bounds", None), None
     else:
         t0 = time.time()
         rows, simulation = _reconstruct_all(args, config)

@@ -90,7 +90,10 @@ def rejudge(row: dict, thresholds) -> dict:
     against ``thresholds`` (a QCConfig): a resumed result meets the thresholds of this run."""
     if row.get("status") != "ok":
         return row
-    status, reasons = judge({m: row.get(f"qc_{m}") for m in SCALAR_METRICS}, thresholds)
+    metrics = {m: row.get(f"qc_{m}") for m in SCALAR_METRICS}
+    if metrics.get("fraction_f_at_one") is None:    # a row from before session 15: f near 0 or 1, an upper bound
+        metrics["fraction_f_at_one"] = row.get("qc_fraction_f_at_bounds")
+    status, reasons = judge(metrics, thresholds)
     return {**row, "qc_status": status, "qc_reasons": "; ".join(reasons)}
 
 
@@ -129,7 +132,7 @@ def rows_frame(rows: list):
     for c in ("resumed", "is_seed"):
         df[c] = df[c].fillna(False).astype(bool)
     num = [c for c in COLUMNS if (c.endswith("_s") or c.startswith(("iterations_", "trainable_", "nrmse_", "ssim_"))
-           or c.endswith("_final") or c in ("started_at", "finished_at", *QC_METRIC_COLUMNS))]
+           or c.endswith("_final") or c in ("started_at", "finished_at", "peak_rss_GiB", *QC_METRIC_COLUMNS))]
     for c in num:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     for c in ("error", "mlflow_run_id", "tracking", "node", "node_id", "input_sha256", "device", "method", "seed_subject",

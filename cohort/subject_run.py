@@ -133,8 +133,8 @@ def reconstruct_subject(path, out_dir, mode: str, config_dict: dict, seed_state=
             SeedState.from_result(result).save(odir / SEED_STATE_FILE)
         row = _row(sid, mode, result, is_seed=is_seed, seed_subject=seed_subject, node=node, node_id=node_id,
                    scores=scores, path=path, inputs=inputs, odir=odir, outputs=outputs, started=started)
-        row["peak_rss_GiB"] = peak_rss_gib() if measured else None   # reading, reconstruction, outputs
         row.update(_report(odir, row, result))
+        row["peak_rss_GiB"] = peak_rss_gib() if measured else None   # reading, reconstruction, outputs, report
         progress.remove()
         write_json(odir / DONE, row)                   # LAST: marks it done
     finally:

@@ -35,7 +35,7 @@ def _compat_view(config: ReconConfig) -> dict:
     """The matrix-independent parts of a config that a seed and its adapted runs must share."""
     d = config.to_dict()
     return {"inr": d["inr"], "unroll": {k: d["unroll"][k] for k in ("iterations", "unet_width", "unet_levels", "unet_out_kernel", "refine_k", "preconditioner", "warm_start_steps",
-                                                      "warm_start_solver", "map_smoothness")},
+                                                      "warm_start_solver", "map_smoothness", "map_edge_scale")},
             "k_band": list(d["k_band"])}
 
 

@@ -15,8 +15,8 @@ carries (``measure`` sees the ScanPhysics: k-space, mask, coil maps, B1+, protoc
   one scan, so a clean fit gives ≈ 1 everywhere; the residual normalised by the image's own
   energy, ‖A x_t − d_t‖²/‖d_t‖² (``image_residuals``, reported), is not: at a converged fit it is
   noise over signal, larger for the dim images (docs/decisions/017);
-- the maps: the fraction of tissue voxels at a bound (T1F at its clamp, f at 0 or 1, k at an end
-  of its band when the band is not a point).
+- the maps: the fraction of tissue voxels at a bound (T1F at its clamp, f at 1, k at an end of its
+  band when the band is not a point); f at 0 is reported, not judged (free water has no bound pool).
 
 The images' phase is a nuisance: each set of maps is scored after ``qc.phase_steps`` Gauss–Newton
 steps on it (from the refinement's own phase for the final maps, from the LLR images' for the
