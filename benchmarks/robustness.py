@@ -102,9 +102,12 @@ def baselines(path: Path, k_band, cache: Path) -> dict:
     return out
 
 
-def per_subject_table(scenario: str, manifest: Path, out: Path, k_band) -> list:
-    """One record per (subject, method): nRMSE per map, seconds, QC status."""
+def per_subject_table(scenario: str, manifest: Path, out: Path, k_band, qc) -> list:
+    """One record per (subject, method): nRMSE per map, seconds, QC status judged again against `qc`
+    (today's thresholds and checks, as the driver does on resuming)."""
     import pandas as pd
+
+    from cohort.results import rejudge
 
     subjects = pd.read_parquet(manifest)
     results = pd.read_parquet(out / "results.parquet")
@@ -120,7 +123,7 @@ def per_subject_table(scenario: str, manifest: Path, out: Path, k_band) -> list:
                 records.append({"scenario": scenario, "subject": s.subject_id, "seed": int(s.seed), "method": method,
                                 "nrmse": None, "seconds": None, "qc_status": "failed"})
                 continue
-            r = row.iloc[0]
+            r = pd.Series(rejudge(row.iloc[0].to_dict(), qc))
             records.append({"scenario": scenario, "subject": s.subject_id, "seed": int(s.seed), "method": method,
                             "nrmse": {m: float(r[f"nrmse_{m}"]) for m in MAPS if f"nrmse_{m}" in r},
                             "seconds": float(r.total_s), "qc_status": r.qc_status,
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
         if not a.report_only:
             run_cohort(manifest, work / sc / "out", mode="both", config=config, num_cpus=a.num_cpus, progress=True,
                        tracking=False)
-        records += per_subject_table(sc, manifest, work / sc / "out", config.k_band)
+        records += per_subject_table(sc, manifest, work / sc / "out", config.k_band, config.qc)
         # a tabulation keeps the wall time of the run that made the outputs
         seconds[sc] = previous.get("scenario_wall_s", {}).get(sc) if a.report_only else time.time() - t0
         summary = summarize(records)

@@ -93,8 +93,23 @@ def rejudge(row: dict, thresholds) -> dict:
     metrics = {m: row.get(f"qc_{m}") for m in SCALAR_METRICS}
     if metrics.get("fraction_f_at_one") is None:    # a row from before session 15: f near 0 or 1, an upper bound
         metrics["fraction_f_at_one"] = row.get("qc_fraction_f_at_bounds")
+    if metrics.get("fraction_f_unphysical") is None:   # before session 15: measured on the stored maps
+        metrics["fraction_f_unphysical"] = _f_unphysical(row.get("maps_path"), thresholds.f_max)
     status, reasons = judge(metrics, thresholds)
-    return {**row, "qc_status": status, "qc_reasons": "; ".join(reasons)}
+    return {**row, "qc_status": status, "qc_reasons": "; ".join(reasons),
+            **{f"qc_{m}": metrics[m] for m in ("fraction_f_at_one", "fraction_f_unphysical")}}
+
+
+def _f_unphysical(maps_path, f_max: float) -> Optional[float]:
+    """The fraction of tissue voxels with f above ``f_max`` in a result's maps.h5; None without one."""
+    import h5py
+
+    try:
+        with h5py.File(maps_path, "r") as fh:
+            f, tissue = fh["f"][()], fh["tissue_mask"][()].astype(bool)
+    except (OSError, KeyError, TypeError):
+        return None
+    return float((f[tissue] > f_max).mean()) if tissue.any() else 0.0
 
 
 def flagged(row: dict) -> bool:

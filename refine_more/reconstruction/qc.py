@@ -118,6 +118,7 @@ def fraction_at_bounds(maps: dict, tissue: torch.Tensor, scaling, qc) -> dict:
     T1F, f, k = maps["T1F"], maps["f"], maps["k"]
     out = {"fraction_T1F_at_bounds": share((T1F <= lo * (1 + 1e-4)) | (T1F >= hi * (1 - 1e-4))),
            "fraction_f_at_one": share(f > 1 - qc.f_edge), "fraction_f_at_zero": share(f < qc.f_edge),
+           "fraction_f_unphysical": share(f > qc.f_max),
            "fraction_k_at_band_edges": None}
     k_lo, k_hi = scaling.k_band
     if k_hi > k_lo:

@@ -63,21 +63,22 @@ def test_judge_names_the_metric_its_value_and_the_threshold():
     metrics = {"objective_final": 2e-3, "objective_llr_start": 1e-3, "objective_ratio": 2.0,
                "objective_llr_images": 1e-4, "model_excess": 20.0, "image_residual_ratio": 9.0, "worst_image": 3,
                "fraction_T1F_at_bounds": 0.0, "fraction_f_at_one": 0.2, "fraction_f_at_zero": 0.6,
-               "fraction_k_at_band_edges": None}
+               "fraction_f_unphysical": 0.2, "fraction_k_at_band_edges": None}
     status, reasons = judge(metrics, QCConfig())
-    assert status == "flagged" and len(reasons) == 4
+    assert status == "flagged" and len(reasons) == 5 and reasons[4] == "fraction_f_unphysical 0.2 > 0.0005"
     assert reasons[0].startswith("objective_ratio 2 > 1 (") and "of the LLR-fit start 0.001" in reasons[0]
     assert reasons[1].startswith("model_excess 20 > 4 (")
     assert reasons[2].startswith("image_residual_ratio 9 > 2 (image 3:")
     assert reasons[3] == "fraction_f_at_one 0.2 > 0.05"      # f at 0 is free water: reported, not judged
-    calm = QCConfig(max_objective_ratio=0, max_model_excess=0, max_image_residual_ratio=0, max_fraction_at_bounds=0)
+    calm = QCConfig(max_objective_ratio=0, max_model_excess=0, max_image_residual_ratio=0, max_fraction_at_bounds=0,
+                    max_fraction_f_unphysical=0)
     assert judge(metrics, calm) == ("ok", [])                      # 0 turns a check off
     assert judge({**metrics, "worst_image": 3.0}, QCConfig())[1][2].startswith("image_residual_ratio 9 > 2 (image 3:")
 
 
 def test_a_metric_that_could_not_be_measured_flags_except_the_k_band_edges():
     metrics = dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images", "image_residual_ratio",
-                             "fraction_T1F_at_bounds", "fraction_f_at_one"), 0.0)
+                             "fraction_T1F_at_bounds", "fraction_f_at_one", "fraction_f_unphysical"), 0.0)
     assert judge({**metrics, "fraction_k_at_band_edges": math.nan}, QCConfig()) == ("ok", [])   # k held fixed
     status, reasons = judge({**metrics, "model_excess": math.nan}, QCConfig())
     assert status == "flagged" and reasons == ["model_excess could not be measured (nan)"]
@@ -119,7 +120,7 @@ def test_small_flags_every_broken_input_and_not_the_clean_one(files, case):
     assert qc.status == ("ok" if case == "clean" else "flagged"), (qc.reasons, qc.metrics)
 
 
-def test_free_water_at_f_zero_is_not_a_bound_failure_and_f_at_one_is():
+def test_free_water_at_f_zero_is_not_a_bound_failure_and_unphysical_f_is():
     """The vial phantom's bath has no bound pool (f = 0: CSF is the brain's case): its true maps are
     reported with `fraction_f_at_zero` and judged ok; the same maps with f pinned at 1 are flagged."""
     import torch
@@ -137,6 +138,16 @@ def test_free_water_at_f_zero_is_not_a_bound_failure_and_f_at_one_is():
     assert fractions["fraction_f_at_zero"] > 0.3 and fractions["fraction_f_at_one"] == 0.0, fractions
     assert judge({**fractions, **dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images",
                                                   "image_residual_ratio"), 0.0)}, qc) == ("ok", [])
+    # the robustness phantom's sub-003: 12 of 8712 voxels trapped at f ≈ 0.97–0.99 (f nRMSE 102 %, objective as its peers')
+    spikes = maps["f"].clone().reshape(-1)
+    inside = np.flatnonzero(subject.tissue_mask)
+    spikes[torch.from_numpy(inside[:: len(inside) // 12][:12])] = 0.98
+    spikes = spikes.reshape(maps["f"].shape)
+    trapped = fraction_at_bounds({**maps, "f": spikes}, tissue, scaling, qc)
+    assert trapped["fraction_f_at_one"] == 0.0 and trapped["fraction_f_unphysical"] > 2 * qc.max_fraction_f_unphysical
+    status, reasons = judge({**trapped, **dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images",
+                                                         "image_residual_ratio"), 0.0)}, qc)
+    assert status == "flagged" and reasons[0].startswith("fraction_f_unphysical "), reasons
     pinned = fraction_at_bounds({**maps, "f": torch.where(maps["f"] > 0, 1.0, 0.0).double()}, tissue, scaling, qc)
     assert pinned["fraction_f_at_one"] > 0.05
     assert judge({**pinned, **dict.fromkeys(("objective_ratio", "model_excess", "objective_llr_images",
