@@ -91,9 +91,10 @@ def rejudge(row: dict, thresholds) -> dict:
     if row.get("status") != "ok":
         return row
     metrics = {m: row.get(f"qc_{m}") for m in SCALAR_METRICS}
-    if metrics.get("fraction_f_at_one") is None:    # a row from before session 15: f near 0 or 1, an upper bound
+    missing = lambda m: metrics.get(m) is None or metrics[m] != metrics[m]   # noqa: E731 (None, or NaN in a frame)
+    if missing("fraction_f_at_one"):    # a row from before session 15: f near 0 or 1, an upper bound
         metrics["fraction_f_at_one"] = row.get("qc_fraction_f_at_bounds")
-    if metrics.get("fraction_f_unphysical") is None:   # before session 15: measured on the stored maps
+    if missing("fraction_f_unphysical"):   # before session 15: measured on the stored maps
         metrics["fraction_f_unphysical"] = _f_unphysical(row.get("maps_path"), thresholds.f_max)
     status, reasons = judge(metrics, thresholds)
     return {**row, "qc_status": status, "qc_reasons": "; ".join(reasons),
