@@ -188,14 +188,21 @@ class ScanPhysics:
     def phase_metric(self, channels: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
         """The background phase's damped per-voxel curvature bound Σ_c|S_c|²·Σ_t S_t² (+ damping ·
         its tissue mean), (Z, Y, X): the metric of `phase_step`."""
-        mag = self.signal(channels)
+        return self._phase_metric_of(self.signal(channels), damping)
+
+    def _phase_metric_of(self, mag: torch.Tensor, damping: float) -> torch.Tensor:
         metric = self._coil_energy[0] * (mag * mag).sum(0)
         return metric + damping * metric[self.tissue].mean().clamp_min(1e-30)
 
     @torch.no_grad()
     def phase_step(self, channels: torch.Tensor, background: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
-        """One Gauss–Newton step on the images' phase for fixed maps: on φ₀ (Z, Y, X) and, with a
-        per-image phase model, then on the coefficients of each image's deviation δ_t.
+        """One Gauss–Newton step on the images' phase for fixed maps (`phase_steps` with one step)."""
+        return self.phase_steps(channels, background, 1, damping)
+
+    def phase_steps(self, channels: torch.Tensor, background: torch.Tensor, steps: int = 1,
+                    damping: float = 1e-2) -> torch.Tensor:
+        """`steps` Gauss–Newton steps on the images' phase for fixed maps: each on φ₀ (Z, Y, X) and,
+        with a per-image phase model, then on the coefficients of each image's deviation δ_t.
 
         x_t = S_t·e^{iφ_t}; ∂g/∂φ_t = (2/‖d‖²)·Im(x̄_t·(Aᴴ(Ax − d))_t). The metric is a
         per-voxel majorizer of the Gauss–Newton matrix, Σ_c|S_c|²·Σ_t S_t² for φ₀
@@ -204,34 +211,64 @@ class ScanPhysics:
         diverges here at AF 4). φ₀ decouples from the maps (∂x/∂φ₀ = i·x is orthogonal to
         ∂x/∂Q = J·e^{iφ}). Damped by `damping`·(mean metric in tissue). For δ_t = Σ_k c_t,k B_k
         the same bound gives the K×K majorizer Σ_x B_k B_l Σ_c|S_c|² S_t² per image.
+
+        The maps are fixed, so S(Q) and both metrics are computed once for all the steps, and a
+        residual A x − d serves the objective's value and the next gradient at the same phase: the
+        same arithmetic as evaluating each anew (the same floats), with two forward passes of A per
+        accepted step instead of four, and S(Q) once instead of four times or more per step.
         """
-        background_only, coefficients = self.phase_model.unpack(background)
+        if steps < 1:
+            return background
         mag = self.signal(channels)
-        grad = self._phase_gradient(mag, background)
-        phi0 = background_only - grad.sum(0) / self.phase_metric(channels, damping)
-        if coefficients is None:
-            return phi0
-        z = self.phase_model.pack(phi0, coefficients)
-        grad = self._phase_gradient(mag, z)[1:].reshape(grad.shape[0] - 1, -1)          # (T − 1, N)
+        with torch.no_grad():
+            metric = self._phase_metric_of(mag, damping)
+        M = None
+        residual = None                 # A x − d at `background`, where the last step left it
+        for _ in range(steps):
+            background_only, coefficients = self.phase_model.unpack(background)
+            grad = self._phase_gradient(mag, background, residual)
+            phi0 = background_only - grad.sum(0) / metric
+            if coefficients is None:
+                background, residual = phi0, None
+                continue
+            if M is None:
+                M = self._coefficient_majorizer(mag, damping)
+            z = self.phase_model.pack(phi0, coefficients)
+            x = torch.polar(mag, self.image_phase(z))
+            r = self.A(x) - self.kspace
+            before = float(squared_norm(r) / self.kspace_energy)
+            grad = self._phase_gradient(mag, z, r, x)[1:].reshape(M.shape[0], -1)        # (T − 1, N)
+            del r
+            B = self.phase_model.basis.reshape(self.phase_model.n_coefficients, -1)       # (K, N)
+            step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
+            # the K×K bound majorizes only the Gauss–Newton part: keep the step only where it lowers g
+            background, residual = z, None
+            for scale in (1.0, 0.5, 0.25):
+                trial = self.phase_model.pack(phi0, coefficients - scale * step)
+                r = self.A(torch.polar(mag, self.image_phase(trial))) - self.kspace
+                if float(squared_norm(r) / self.kspace_energy) < before:
+                    background, residual = trial, r
+                    break
+            del r
+        return background
+
+    def _phase_gradient(self, mag: torch.Tensor, background: torch.Tensor, residual=None, x=None) -> torch.Tensor:
+        """∂g/∂φ_t per image and voxel, (T, Z, Y, X), for signal magnitudes `mag` (`residual`: A x − d
+        at this phase, when known; `x`: the images, when known)."""
+        if x is None:
+            x = torch.polar(mag, self.image_phase(background))
+        if residual is None:
+            residual = self.A(x) - self.kspace
+        r = self.A.adjoint(residual)
+        return (2.0 / self.kspace_energy) * (x.conj() * r).imag
+
+    def _coefficient_majorizer(self, mag: torch.Tensor, damping: float) -> torch.Tensor:
+        """The damped K×K majorizer of each image's phase coefficients, (T − 1, K, K)."""
         B = self.phase_model.basis.reshape(self.phase_model.n_coefficients, -1)           # (K, N)
-        curvature = (self._coil_energy[0] * mag[1:] ** 2).reshape(grad.shape[0], -1)     # (T − 1, N)
+        curvature = (self._coil_energy[0] * mag[1:] ** 2).reshape(mag.shape[0] - 1, -1)   # (T − 1, N)
         M = torch.einsum("kn,tn,ln->tkl", B, curvature, B)
         trace = M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-        M = M + (damping * trace)[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
-        # the K×K bound majorizes only the Gauss–Newton part: keep the step only where it lowers g
-        before = float(self.physics_consistency(channels, z))
-        for scale in (1.0, 0.5, 0.25):
-            trial = self.phase_model.pack(phi0, coefficients - scale * step)
-            if float(self.physics_consistency(channels, trial)) < before:
-                return trial
-        return z
-
-    def _phase_gradient(self, mag: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-        """∂g/∂φ_t per image and voxel, (T, Z, Y, X), for signal magnitudes `mag`."""
-        x = torch.polar(mag, self.image_phase(background))
-        r = self.A.adjoint(self.A(x) - self.kspace)
-        return (2.0 / self.kspace_energy) * (x.conj() * r).imag
+        return M + (damping * trace)[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
 
     @torch.no_grad()
     def coefficient_metric(self, channels: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:

@@ -94,6 +94,4 @@ class RefinementObjective:
     def nuisance_step(self, q, phase):
         if not self.config.refine_phase:
             return phase
-        for _ in range(self.config.phase_steps):
-            phase = self.problem.phase_step(q, phase, self.config.gn_damping)
-        return phase
+        return self.problem.phase_steps(q, phase, self.config.phase_steps, self.config.gn_damping)

@@ -92,8 +92,7 @@ def measure(physics, channels: torch.Tensor, phase, config, llr=None) -> dict:
 
 def _model_images(physics, channels, phase, steps: int, damping: float) -> torch.Tensor:
     """x_t = S_t(Q)·e^{iφ_t} after `steps` Gauss–Newton steps on the phase at fixed maps."""
-    for _ in range(steps):
-        phase = physics.phase_step(channels, phase, damping)
+    phase = physics.phase_steps(channels, phase, steps, damping)
     return torch.polar(physics.signal(channels), physics.image_phase(phase))
 
 

@@ -118,3 +118,46 @@ def test_simulated_drift_has_the_size_asked_for_and_leaves_other_cohorts_unchang
     assert np.array_equal(a.kspace, b.kspace)
     with pytest.raises(ValueError, match="phase_drift"):
         image_phase_drift((2, 4, 4), 2, np.ones((2, 4, 4), bool), float("nan"), np.random.default_rng(0))
+
+
+def _phase_step_evaluated_anew(prob, channels, z, damping):
+    """One phase step as first written: S(Q), the metrics and every residual evaluated from scratch."""
+    background_only, coefficients = prob.phase_model.unpack(z)
+    mag = prob.signal(channels)
+    x = torch.polar(mag, prob.image_phase(z))
+    grad = (2.0 / prob.kspace_energy) * (x.conj() * prob.A.adjoint(prob.A(x) - prob.kspace)).imag
+    phi0 = background_only - grad.sum(0) / prob.phase_metric(channels, damping)
+    z = prob.phase_model.pack(phi0, coefficients)
+    x = torch.polar(mag, prob.image_phase(z))
+    grad = (2.0 / prob.kspace_energy) * (x.conj() * prob.A.adjoint(prob.A(x) - prob.kspace)).imag
+    grad = grad[1:].reshape(grad.shape[0] - 1, -1)
+    B = prob.phase_model.basis.reshape(prob.phase_model.n_coefficients, -1)
+    curvature = (prob._coil_energy[0] * prob.signal(channels)[1:] ** 2).reshape(grad.shape[0], -1)
+    M = torch.einsum("kn,tn,ln->tkl", B, curvature, B)
+    trace = M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    M = M + (damping * trace)[:, None, None] * torch.eye(M.shape[-1])
+    step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
+    before = float(prob.physics_consistency(channels, z))
+    for scale in (1.0, 0.5, 0.25):
+        trial = prob.phase_model.pack(phi0, coefficients - scale * step)
+        if float(prob.physics_consistency(channels, trial)) < before:
+            return trial
+    return z
+
+
+def test_phase_steps_reuse_what_fixed_maps_allow_and_give_the_same_floats():
+    """`phase_steps` computes S(Q) and the metrics once and reuses each residual for the next
+    gradient: bit for bit the steps evaluated anew, with half the forward passes of A."""
+    subject, cfg, prob = _problem(order=1, acceleration=2.0, snr=1e9, drift=0.4, matrix=(2, 16, 16))
+    truth = _true_channels(prob, subject.reference)
+    z0 = prob.phase_model.pack(torch.zeros(subject.shape))
+    expected = z0
+    for _ in range(6):
+        expected = _phase_step_evaluated_anew(prob, truth, expected, 1e-3)
+    forward, calls = prob.A.__call__, []
+    prob.A = type("Counted", (), {"__call__": lambda self, x: calls.append(1) or forward(x),
+                                   "adjoint": prob.A.adjoint})()
+    z = prob.phase_steps(truth, z0, 6, 1e-3)
+    assert torch.equal(z, expected)
+    assert len(calls) <= 1 + 2 * 6 + 2       # the first gradient, then ≈ 2 per step (a halved trial now and then)
+    assert prob.phase_steps(truth, z0, 0, 1e-3) is z0
