@@ -263,9 +263,10 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     opt = adam(params, s["lr2"])
     totals, it = [], -1
     run.progress("stage 2", 0, s["n2"])
+    first = run.unrolled.first_step(start[0], term, start[1]) if start is not None else None
     for it in range(s["n2"]):
         opt.zero_grad(set_to_none=True)
-        outs = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)
+        outs = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue, first=first)
         loss3 = sum(term.value(c, z) for c, z in outs)
         if loss3.requires_grad:
             loss3.backward()
@@ -282,7 +283,7 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if start is None:
         return c0
     with torch.no_grad():
-        final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue)[-1]
+        final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue, first=first)[-1]
         return final
 
 

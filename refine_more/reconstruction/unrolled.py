@@ -220,20 +220,29 @@ class UnrolledPGD(nn.Module):
         q, z = self.warm_start(q0, term, z0, weight)
         return self.learned_iterations(q, term, z, weight)
 
+    def first_step(self, q: torch.Tensor, term: DataTerm, z=None) -> tuple:
+        """(z, direction) of the first learned iteration from a fixed (q, z): nothing learned enters
+        them, so a stage 2 that starts every training iteration from the same warm start computes
+        them once (`learned_iterations(..., first=)`: the same floats, and no backprop into q)."""
+        with torch.no_grad():
+            z = term.nuisance_step(q.detach(), z)
+        with torch.enable_grad():
+            q_in = q.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(term.value(q_in, z), q_in)
+        with torch.no_grad():
+            return z, term.direction(q.detach(), z, grad)
+
     def learned_iterations(self, q: torch.Tensor, term: DataTerm, z=None,
-                       weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, object]]:
-        """The K learned iterations from (q, z), without the warm start."""
+                           weight: torch.Tensor | None = None, first=None) -> list[tuple[torch.Tensor, object]]:
+        """The K learned iterations from (q, z), without the warm start; `first`: `first_step(q, term, z)`
+        for this (q, z) with q not requiring grad."""
         weight = torch.ones_like(q[0]) if weight is None else weight.to(q.dtype)
         outputs = []
         for k in range(self.config.iterations):
-            z = term.nuisance_step(q.detach(), z)
-            with torch.enable_grad():
-                q_in = q if q.requires_grad else q.detach().requires_grad_()
-                g = term.value(q_in, z)
-                (grad,) = torch.autograd.grad(g, q_in, create_graph=self.config.create_graph and torch.is_grad_enabled())
-            if not self.config.create_graph:
-                grad = grad.detach()
-            direction = term.direction(q.detach(), z, grad)
+            if k == 0 and first is not None:
+                z, direction = first
+            else:
+                direction, z = self._direction(q, term, z)
             n = self.step_scale.shape[0]            # refined channels; the rest (k) pass through
             if float(self.step_scale.abs().sum()) == 0.0:
                 self._init_step_scale(q.detach(), z, direction.detach(), weight, term)
@@ -242,3 +251,14 @@ class UnrolledPGD(nn.Module):
             q = torch.cat([weight * refined + (1 - weight) * q_hat, q[n:]], dim=0)
             outputs.append((q, z))
         return outputs
+
+    def _direction(self, q: torch.Tensor, term: DataTerm, z):
+        """One learned iteration's nuisance step, then its (preconditioned) direction at q: (direction, z)."""
+        z = term.nuisance_step(q.detach(), z)
+        with torch.enable_grad():
+            q_in = q if q.requires_grad else q.detach().requires_grad_()
+            g = term.value(q_in, z)
+            (grad,) = torch.autograd.grad(g, q_in, create_graph=self.config.create_graph and torch.is_grad_enabled())
+        if not self.config.create_graph:
+            grad = grad.detach()
+        return term.direction(q.detach(), z, grad), z
