@@ -194,11 +194,11 @@ class ScanPhysics:
         metric = self._coil_energy[0] * (mag * mag).sum(0)
         return metric + damping * metric[self.tissue].mean().clamp_min(1e-30)
 
-    @torch.no_grad()
     def phase_step(self, channels: torch.Tensor, background: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
         """One Gauss–Newton step on the images' phase for fixed maps (`phase_steps` with one step)."""
         return self.phase_steps(channels, background, 1, damping)
 
+    @torch.no_grad()
     def phase_steps(self, channels: torch.Tensor, background: torch.Tensor, steps: int = 1,
                     damping: float = 1e-2) -> torch.Tensor:
         """`steps` Gauss–Newton steps on the images' phase for fixed maps: each on φ₀ (Z, Y, X) and,
@@ -214,19 +214,21 @@ class ScanPhysics:
 
         The maps are fixed, so S(Q) and both metrics are computed once for all the steps, and a
         residual A x − d serves the objective's value and the next gradient at the same phase: the
-        same arithmetic as evaluating each anew (the same floats), with two forward passes of A per
-        accepted step instead of four, and S(Q) once instead of four times or more per step.
+        same arithmetic as evaluating each anew (the same floats). With a per-image phase model a
+        step after an accepted one costs two forward passes of A instead of four (the first step, or
+        one after a rejected coefficient step, three), and S(Q) is computed once, not four times or
+        more per step; with φ₀ alone only S(Q) is saved (two evaluations per step).
         """
         if steps < 1:
             return background
         mag = self.signal(channels)
-        with torch.no_grad():
-            metric = self._phase_metric_of(mag, damping)
+        metric = self._phase_metric_of(mag, damping)
         M = None
         residual = None                 # A x − d at `background`, where the last step left it
         for _ in range(steps):
             background_only, coefficients = self.phase_model.unpack(background)
             grad = self._phase_gradient(mag, background, residual)
+            residual = None             # k-space sized: not held through the passes below
             phi0 = background_only - grad.sum(0) / metric
             if coefficients is None:
                 background, residual = phi0, None
@@ -249,7 +251,7 @@ class ScanPhysics:
                 if float(squared_norm(r) / self.kspace_energy) < before:
                     background, residual = trial, r
                     break
-            del r
+                r = None
         return background
 
     def _phase_gradient(self, mag: torch.Tensor, background: torch.Tensor, residual=None, x=None) -> torch.Tensor:

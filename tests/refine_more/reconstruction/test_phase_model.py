@@ -161,3 +161,4 @@ def test_phase_steps_reuse_what_fixed_maps_allow_and_give_the_same_floats():
     assert torch.equal(z, expected)
     assert len(calls) <= 1 + 2 * 6 + 2       # the first gradient, then ≈ 2 per step (a halved trial now and then)
     assert prob.phase_steps(truth, z0, 0, 1e-3) is z0
+    assert not prob.phase_steps(truth.clone().requires_grad_(), z0, 2, 1e-3).requires_grad   # no graph, ever
