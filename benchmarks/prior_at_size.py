@@ -11,7 +11,7 @@ The LLR images are computed once and shared. The truth
 only scores; nothing chooses by it here: the result is a measurement for a decision, not a tuner.
 
     python benchmarks/prior_at_size.py [--matrix 24 88 88] [--coils 20] [--seed 7000]
-                                       [--factors 1 2 4] [--steps 32 32] [--out FILE]
+                                       [--factors 1 2 4] [--steps 32 32] [--set KEY=VALUE]... [--out FILE]
 
 Writes benchmarks/results/prior_at_size.{json,md}; each point is written as soon as it is measured.
 """
@@ -38,7 +38,7 @@ def markdown(doc: dict) -> str:
     llr = doc["llr_nrmse"]
     lines = [f"# Prior weight and solve length at {'×'.join(map(str, doc['matrix']))}, {doc['coils']} coils "
              f"(benchmarks/prior_at_size.py)", "",
-             f"Seed {doc['seed']}, preset `large`, ν/s = {doc['nu_over_s']:.3g}; LLR fit T1F / f / kF "
+             f"Seed {doc['seed']}, preset `large`{''.join(' --set ' + o for o in doc.get('overrides', []))}, ν/s = {doc['nu_over_s']:.3g}; LLR fit T1F / f / kF "
              f"{llr['T1F']:.2f} / {llr['f']:.2f} / {llr['kF']:.2f} % ({doc['llr_s']:.0f} s).", "",
              "| prior × | L-BFGS iterations | objective | T1F % | f % | kF % | T1F / f × LLR | s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--factors", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--steps", type=int, nargs="+", default=[32, 32], help="L-BFGS iterations per segment")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of `large` (e.g. unroll.map_edge_scale=[0,0.34,0.34,0])")
     p.add_argument("--out", default=str(RESULTS / "prior_at_size"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -68,15 +70,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     subject = simulate_subject(f"sub-{a.seed}", SimulationConfig(matrix=tuple(a.matrix), n_coils=a.coils,
                                                                  acceleration=4.0, mask_type="2d"), seed=a.seed)
-    run = setup(subject, apply_overrides(preset("large"), ["progress=false"]), release_kspace=True)
+    run = setup(subject, apply_overrides(preset("large"), ["progress=false", *a.set]), release_kspace=True)
     images, channels = run.llr()
-    doc = {"matrix": a.matrix, "coils": a.coils, "seed": a.seed, "preset": "large", "threads": a.threads,
-           "llr_s": run.timings["llr"], "llr_nrmse": run._score(channels, ""),
-           "nu_over_s": noise_level(run.physics, images), "product_prior_scale": prior_scale(run)[0], "points": []}
+    weight_factor, edge_factor = prior_scale(run)
+    doc = {"matrix": a.matrix, "coils": a.coils, "seed": a.seed, "preset": "large", "overrides": a.set,
+           "threads": a.threads, "llr_s": run.timings["llr"], "llr_nrmse": run._score(channels, ""),
+           "nu_over_s": noise_level(run.physics, images), "product_prior_scale": weight_factor,
+           "edge_scale_factor": edge_factor, "points": []}
     print(json.dumps({k: v for k, v in doc.items() if k != "points"}), flush=True)
     z0, tissue = run.physics.background_phase(images), run.physics.tissue
     for factor in a.factors:
-        run.objective.set_prior_scale(factor)
+        run.objective.set_prior_scale(factor, edge_factor)   # δ as the product sets it (no δ: no effect)
         q, z, done = run.objective.start(channels), z0, 0
         for steps in a.steps:
             t = time.perf_counter()
