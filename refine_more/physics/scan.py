@@ -231,7 +231,7 @@ class ScanPhysics:
             residual = None             # k-space sized: not held through the passes below
             phi0 = background_only - grad.sum(0) / metric
             if coefficients is None:
-                background, residual = phi0, None
+                background = phi0
                 continue
             if M is None:
                 M = self._coefficient_majorizer(mag, damping)
@@ -244,7 +244,7 @@ class ScanPhysics:
             B = self.phase_model.basis.reshape(self.phase_model.n_coefficients, -1)       # (K, N)
             step = torch.linalg.solve(M, (grad @ B.T)[..., None])[..., 0]
             # the K×K bound majorizes only the Gauss–Newton part: keep the step only where it lowers g
-            background, residual = z, None
+            background = z              # unless a trial lowers g
             for scale in (1.0, 0.5, 0.25):
                 trial = self.phase_model.pack(phi0, coefficients - scale * step)
                 r = self.A(torch.polar(mag, self.image_phase(trial))) - self.kspace

@@ -221,16 +221,11 @@ class UnrolledPGD(nn.Module):
         return self.learned_iterations(q, term, z, weight)
 
     def first_step(self, q: torch.Tensor, term: DataTerm, z=None) -> tuple:
-        """(z, direction) of the first learned iteration from a fixed (q, z): nothing learned enters
+        """(direction, z) of the first learned iteration from a fixed (q, z): nothing learned enters
         them, so a stage 2 that starts every training iteration from the same warm start computes
         them once (`learned_iterations(..., first=)`: the same floats, and no backprop into q)."""
         with torch.no_grad():
-            z = term.nuisance_step(q.detach(), z)
-        with torch.enable_grad():
-            q_in = q.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(term.value(q_in, z), q_in)
-        with torch.no_grad():
-            return z, term.direction(q.detach(), z, grad)
+            return self._direction(q.detach(), term, z)
 
     def learned_iterations(self, q: torch.Tensor, term: DataTerm, z=None,
                            weight: torch.Tensor | None = None, first=None) -> list[tuple[torch.Tensor, object]]:
@@ -240,7 +235,7 @@ class UnrolledPGD(nn.Module):
         outputs = []
         for k in range(self.config.iterations):
             if k == 0 and first is not None:
-                z, direction = first
+                direction, z = first
             else:
                 direction, z = self._direction(q, term, z)
             n = self.step_scale.shape[0]            # refined channels; the rest (k) pass through
