@@ -36,13 +36,13 @@ RANGES = {
     "inr.mlp_hidden": _int_at_least(1), "inr.mlp_layers": _int_at_least(1),
     "inr.time_input_dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
     "unroll.unet_out_kernel": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
-    "unroll.iterations": _int_at_least(1), "unroll.unet_width": _int_at_least(1),
+    "unroll.iterations": _int_at_least(0), "unroll.unet_width": _int_at_least(1),
     "unroll.unet_levels": _int_at_least(0), "unroll.step_init": _positive(),
     "unroll.gn_damping": _non_negative(), "unroll.phase_steps": _int_at_least(0),
     "unroll.image_phase_order": _int_at_least(-1), "unroll.warm_start_steps": _int_at_least(0),
     "unroll.ssdu_validation_fraction": _fraction(), "unroll.ssdu_loss_fraction": _fraction(),
     "unroll.ssdu_splits": _int_at_least(1), "unroll.ssdu_validate_every": _int_at_least(1),
-    "unroll.ssdu_patience": _int_at_least(1), "unroll.prior_noise_reference": _non_negative(),
+    "unroll.ssdu_patience": _int_at_least(1), "unroll.fixed_step": _non_negative(), "unroll.prior_noise_reference": _non_negative(),
     "adapt.lora_rank": _int_at_least(1), "adapt.lora_beta": _positive(), "adapt.iters_stage1": _int_at_least(1),
     "adapt.iters_stage2": _int_at_least(0), "adapt.lr": _positive(), "adapt.lr_stage2": _positive(),
     "adapt.plateau_patience": _int_at_least(0), "adapt.plateau_rel": _non_negative(),
@@ -82,6 +82,9 @@ def range_problems(config) -> list:
     if unroll is not None and unroll.start != "inr" and not unroll.warm_start_steps:
         problems.append(f"config.unroll.start = {unroll.start!r} needs a warm start (unroll.warm_start_steps > 0): "
                         "without one the learned iterations start from the INR's maps")
+    if unroll is not None and unroll.training == "held-out-stop" and unroll.warm_start_steps:
+        problems.append("config.unroll.training = 'held-out-stop' is the joint (paper) stage 2: it needs "
+                        f"unroll.warm_start_steps = 0, got {unroll.warm_start_steps}")
     return problems
 
 

@@ -55,6 +55,12 @@ class RefinementObjective:
         self.prior.weights, self.prior.edge_scale = weights * factor, edge_scale * edge_factor
         self._prior_curvature = self.prior.hessian_diagonal()
 
+    @property
+    def mean_square_scale(self) -> float:
+        """‖d‖² over the number of k-space entries: g × this is the mean of |Ax − d|² over the whole
+        k-space array (the public code's loss 3, whose gradient its fixed step multiplies)."""
+        return self.problem.kspace_energy / self.problem.kspace.numel()
+
     def start(self, channels: torch.Tensor) -> torch.Tensor:
         """The refinement's starting channels: sign-canonical when the prior is on (it acts on the
         channels, and I0/T1F enter through |·|: voxels of opposite signs would be false minima);

@@ -20,3 +20,12 @@ def adam(params, lr: float) -> torch.optim.Adam:
     if _fusable(params):
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr)
+
+
+def plateaued(values, patience: int, rel: float) -> bool:
+    """The stopping rule of adapted runs: the last `patience` values are none of them lower than
+    (1 − rel) × the best before them (never from a reference: only the run's own losses)."""
+    if patience <= 0 or len(values) <= patience:
+        return False
+    best_before = min(values[:-patience])
+    return min(values[-patience:]) > best_before * (1 - rel)

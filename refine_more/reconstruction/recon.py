@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from refine_more.reconstruction.classical import classical_minimum, llr_start
@@ -27,7 +26,8 @@ from refine_more.reconstruction.losses import inr_losses, inr_losses_chunked, in
 from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import SCORED_MAPS
 from refine_more.reconstruction.objective import RefinementObjective
-from refine_more.reconstruction.optimizer import adam
+from refine_more.reconstruction.joint_training import train_jointly
+from refine_more.reconstruction.optimizer import adam, plateaued
 from refine_more.reconstruction.qc import assess
 from refine_more.physics.scan import ScanPhysics, resolve_device
 from refine_more.reconstruction.ssdu import train_self_supervised
@@ -61,15 +61,6 @@ class Result:
         return {k: v for k, v in self.history[-1].items() if k.startswith("loss")} if self.history else {}
 
 
-def plateaued(values, patience: int, rel: float) -> bool:
-    """The stopping rule of adapted runs: the last `patience` values are none of them lower than
-    (1 − rel) × the best before them (never from a reference: only the run's own losses)."""
-    if patience <= 0 or len(values) <= patience:
-        return False
-    best_before = min(values[:-patience])
-    return min(values[-patience:]) > best_before * (1 - rel)
-
-
 @dataclass
 class ReconRun:
     """One reconstruction's state between its steps (`reconstruct`)."""
@@ -93,6 +84,7 @@ class ReconRun:
     _llr: object = None              # (LLR images, their fit's channels), computed once (classical.llr_start)
     inr_outputs: object = None       # (W, Q⁽⁰⁾) of an INR that stage 2 leaves as it is (the warm-start path)
     on_progress: object = None       # callable(phase, done, total): where the run is (a cohort's progress file)
+    stage1_optimizer: object = None  # stage 1's Adam, for a stage 2 that goes on with it (`unroll.freeze_map_hash`)
 
     def progress(self, phase: str, done: int = 0, total: int = 0) -> None:
         """Tell `on_progress` where the run is. A failed report is a warning: it never costs the run."""
@@ -208,7 +200,7 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
 def train_inr(run: ReconRun) -> None:
     """Stage 1: the INR alone, loss 1 + loss 2 (adapted runs stop on a plateau of that loss)."""
     s = run.schedule
-    opt = adam(run.params["stage1"], s["lr1"])
+    opt = run.stage1_optimizer = adam(run.params["stage1"], s["lr1"])
     totals, it = [], -1
     images = torch.Generator().manual_seed(run.config.seed)      # the subsets of `stage1_images`
     run.progress("stage 1", 0, s["n1"])
@@ -237,7 +229,7 @@ def train_refinement(run: ReconRun) -> torch.Tensor:
     elif cfg.warm_start_steps:
         final = _train_on_warm_start(run)
     else:
-        final = _train_jointly(run)
+        final = train_jointly(run)
     run.timings["stage2"] = time.perf_counter() - t2
     run.timings.setdefault("warm_start", 0.0)
     return final
@@ -260,6 +252,9 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
     if s["n2"]:
         start = classical_minimum(run, inr_state=(W, c0))
         run.timings["warm_start"] = time.perf_counter() - t
+        if not run.unrolled.config.iterations:      # K = 0: the classical minimum is the result
+            run.done["stage2"], run.final_phase = 0, start[1]
+            return start[0]
     opt = adam(params, s["lr2"])
     totals, it = [], -1
     run.progress("stage 2", 0, s["n2"])
@@ -284,41 +279,6 @@ def _train_on_warm_start(run: ReconRun) -> torch.Tensor:
         return c0
     with torch.no_grad():
         final, run.final_phase = run.unrolled.learned_iterations(start[0], term, start[1], prob.tissue, first=first)[-1]
-        return final
-
-
-def _train_jointly(run: ReconRun) -> torch.Tensor:
-    """Without a warm start (the paper): loss 1 + 2 + 3 jointly over the INR and the refinement."""
-    s, term, prob, inr = run.schedule, run.objective, run.physics, run.inr
-    opt = adam(run.params["stage2"], s["lr2"])
-    totals, it = [], -1
-    run.progress("stage 2", 0, s["n2"])
-    for it in range(s["n2"]):
-        opt.zero_grad(set_to_none=True)
-        if run.chunk:  # loss 1 + 2 backpropagated chunk by chunk; loss 3 through fresh maps
-            W, _, loss1, loss2 = run.inr_state(backward=True)
-            c0 = checkpoint(inr.map_channels, use_reentrant=False)   # MLP2 recomputed in backward (memory)
-        else:
-            W, c0, loss1, loss2 = inr_losses(inr, prob, run.config.tv_weight)
-        outs = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)
-        loss3 = sum(term.value(c, z) for c, z in outs)
-        total = loss1 + loss2 + loss3
-        total.backward()
-        opt.step()
-        totals.append(total.item())
-        run.log(2, it, s["n2"], {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}, outs[-1][0], c0)
-        run.bar.update(1)
-        run.bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")
-        run.progress("stage 2", it + 1, s["n2"])
-        if plateaued(totals, s["patience"], run.config.adapt.plateau_rel):
-            break
-    run.done["stage2"] = it + 1
-    with torch.no_grad():
-        W = inr.images(run.chunk)
-        c0 = inr.map_channels()
-        if not s["n2"]:
-            return c0
-        final, run.final_phase = run.unrolled(term.start(c0), term, prob.background_phase(W), prob.tissue)[-1]
         return final
 
 

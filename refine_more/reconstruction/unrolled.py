@@ -155,7 +155,7 @@ class UnrolledPGD(nn.Module):
         self.unet = UNet2D(channels, config.unet_width, config.unet_levels, config.unet_out_kernel)
         # α_k,i = step_scale_i · exp(log_step_k,i); step_scale is set by a line search on the first
         # call, so the first step is sensible whatever the maps' units (see _init_step_scale)
-        self.log_step = nn.Parameter(torch.zeros(config.iterations, channels))
+        self.log_step = nn.Parameter(torch.zeros(config.iterations, channels), requires_grad=not config.fixed_step)
         self.register_buffer("step_scale", torch.zeros(channels))
 
     slice_chunk = 0
@@ -164,6 +164,9 @@ class UnrolledPGD(nn.Module):
     Set with `image_chunk` (recon.setup); the same result."""
 
     def steps(self) -> torch.Tensor:
+        """α (K, maps): learned, or the public code's fixed step (`fixed_step`: log_step never enters)."""
+        if self.config.fixed_step:
+            return self.step_scale[None].expand(self.config.iterations, -1)
         return self.step_scale[None] * torch.exp(self.log_step)
 
     def prox(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +185,9 @@ class UnrolledPGD(nn.Module):
         only its length is searched, from the full step down. Channels past the refined ones
         (k, when not refined) do not move."""
         n = self.step_scale.shape[0]
+        if self.config.fixed_step:   # the code's α on ∇ mean |Ax − d|² = ∇g · ‖d‖² / entries (objective.py)
+            self.step_scale.fill_(self.config.fixed_step * term.mean_square_scale)
+            return
         direction = torch.cat([direction[:n], torch.zeros_like(direction[n:])], dim=0)
         if term.preconditioned:
             per_map = torch.ones(q.shape[0], dtype=q.dtype, device=q.device)
@@ -242,7 +248,8 @@ class UnrolledPGD(nn.Module):
             if float(self.step_scale.abs().sum()) == 0.0:
                 self._init_step_scale(q.detach(), z, direction.detach(), weight, term)
             q_hat = q[:n] - self.steps()[k].view(-1, 1, 1, 1) * direction[:n] * weight
-            refined = self.prox(q_hat.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
+            seen = q_hat * weight if self.config.mask_outside_tissue else q_hat   # the code masks the maps
+            refined = self.prox(seen.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as batch
             q = torch.cat([weight * refined + (1 - weight) * q_hat, q[n:]], dim=0)
             outputs.append((q, z))
         return outputs
