@@ -11,11 +11,12 @@ Recorded per variant, every `log_every` stage-2 iterations: loss 3 of the last p
 A loss 3 below the floor fits noise.
 
     python benchmarks/paper_refinement.py --variants paper inert-step K0 K1 ... [--iters2 500]
-        [--base KEY=VALUE ...] [--adapt] [--out benchmarks/results/paper_refinement.json]
+        [--base KEY=VALUE ...] [--save-seed FILE] [--out benchmarks/results/paper_refinement.json]
+    python benchmarks/paper_refinement.py --adapt-from FILE --adapt-variants paper lr-1e-2 ... [--scratch]
 
-`--adapt`: the first variant's result is the seed; subject 2 (seed --first-seed + 1) is adapted from it
-at `paper`'s adaptation schedule and reconstructed from scratch at the first variant's schedule
-(full `reconstruct`, timed) for the comparison. Results are merged into --out as they come.
+`--save-seed`: the first variant's result as a seed state. `--adapt-from`: subject 2 (seed --first-seed
++ 1) adapted from that seed once per adaptation variant (ADAPT_VARIANTS), each a full timed
+`reconstruct` (with --scratch, beside subject 2's scratch reconstruction and its stage-1 Q⁽⁰⁾ curve). Results are merged into --out as they come.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from refine_more.config import apply_overrides, preset  # noqa: E402
+from refine_more.evaluation.cohort_tables import subject_scores  # noqa: E402
 from refine_more.evaluation.metrics import score_maps  # noqa: E402
 from refine_more.evaluation.simulate import SimulationConfig, load_templates, simulate_subject  # noqa: E402
 from refine_more.reconstruction.adaptation import SeedState  # noqa: E402
@@ -49,6 +51,13 @@ VARIANTS = {
     "unet-sized": ["unroll.unet_width=8", "unroll.unet_levels=2"],   # `small`'s U-Net: 6×32×32 slices
     **{f"K{k}": [f"unroll.iterations={k}"] for k in (0, 1, 2, 4, 6)},
 }
+ADAPT_VARIANTS = {   # the suspects of issue 26 for adaptation at the paper's settings (500 + 200, lr 1e-3)
+    "paper": [],
+    "lr-1e-2": ["adapt.lr=0.01"],                              # stage 1's rate on the fresh spatial hashes
+    "mlp1-trained": ["adapt.train_image_mlp=true"],            # MLP1 adapted with the hashes
+    "warm-hashes": ["adapt.warm_spatial_hashes=true"],         # hashes 2/3 start from the seed's tables
+    "lr-1e-2-mlp1": ["adapt.lr=0.01", "adapt.train_image_mlp=true"],
+}
 
 
 def simulate(index: int, args):
@@ -65,7 +74,8 @@ def simulate(index: int, args):
 
 def stage1(subject, config, work: Path) -> dict:
     """`paper`'s stage 1 on `subject`, cached: the INR's and Adam's state, its seconds and history."""
-    path = work / f"stage1_{subject.subject_id}_{config.iters_stage1}.pt"
+    held_out = "_held_out" if config.unroll.training == "held-out-stop" else ""     # Γ out of stage 1 too
+    path = work / f"stage1_{subject.subject_id}_{config.iters_stage1}{held_out}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)       # our own file; never unpickles code
     run = setup(subject, config)
@@ -94,14 +104,20 @@ def run_variant(subject, config, cached: dict):
 
 
 def scores(result, subject) -> dict:
-    ref = {p: subject.reference[p] for p in MAPS}
-    final = score_maps(result.maps, ref, result.tissue_mask, params=MAPS, with_ssim=False)
-    init = score_maps(result.maps_init, ref, result.tissue_mask, params=MAPS, with_ssim=False)
-    return {"final": {p: final[p]["nrmse"] for p in MAPS}, "q0": {p: init[p]["nrmse"] for p in MAPS}}
+    """nRMSE % of the final maps and of Q⁽⁰⁾ in WM + GM (docs/results.md's region) and in all tissue
+    (the region of the stage-2 watch, `ReconRun.log`)."""
+    ref, labels = {p: subject.reference[p] for p in MAPS}, subject.reference["labels"]
+    out = {}
+    for key, maps in (("final", result.maps), ("q0", result.maps_init)):
+        wm_gm = subject_scores(maps, ref, labels)["scores"]
+        tissue = score_maps(maps, ref, result.tissue_mask, params=MAPS, with_ssim=False)
+        out[key] = {p: wm_gm[p]["nrmse"] for p in MAPS}
+        out[f"{key}_tissue"] = {p: tissue[p]["nrmse"] for p in MAPS}
+    return out
 
 
 def watch(result) -> list:
-    keep = ("iteration", "loss3", "loss3_last", "loss_held_out") + tuple(f"nrmse_{p}" for p in MAPS) + tuple(
+    keep = ("iteration", "loss1", "loss2", "loss3", "loss3_last", "loss_held_out") + tuple(f"nrmse_{p}" for p in MAPS) + tuple(
         f"nrmse_init_{p}" for p in MAPS)
     return [{k: e[k] for k in keep if k in e} for e in result.history if e["stage"] == 2]
 
@@ -137,27 +153,34 @@ def main():
     ap.add_argument("--matrix", type=int, nargs=3, default=[6, 32, 32])
     ap.add_argument("--acc", type=float, default=4.0)
     ap.add_argument("--first-seed", type=int, default=1000)
-    ap.add_argument("--adapt", action="store_true")
+    ap.add_argument("--save-seed", metavar="FILE", help="save the first variant's result as a seed state")
+    ap.add_argument("--adapt-from", metavar="FILE", help="a saved seed state: adapt subject 2 from it (no variants)")
+    ap.add_argument("--adapt-variants", nargs="+", default=["paper"], choices=sorted(ADAPT_VARIANTS))
+    ap.add_argument("--scratch", action="store_true",
+                    help="with --adapt-from: also subject 2's scratch reconstruction (stage 1 cached, its Q⁽⁰⁾ curve kept)")
     ap.add_argument("--work", default="runs/paper_refinement")
     ap.add_argument("--out", default=str(RESULTS / "paper_refinement.json"))
     args = ap.parse_args()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
+    extra = [f"iters_stage2={args.iters2}"] if args.iters2 is not None else []
+    base = apply_overrides(preset("paper"), args.base + extra)
+    if args.adapt_from:
+        out["adaptation"] = {**out.get("adaptation", {}), **adaptation(base, args)}
+        out_path.write_text(json.dumps(out, indent=1))
+        return
     subject, floor = simulate(0, args)
     out.update({"subjects": [subject.subject_id], "matrix": args.matrix, "acceleration": args.acc,
                 "first_seed": args.first_seed, "noise_floor": floor, "threads": torch.get_num_threads()})
     out.setdefault("variants", {})
-    extra = [f"iters_stage2={args.iters2}"] if args.iters2 is not None else []
-    base = apply_overrides(preset("paper"), args.base + extra)
-    base.progress = False
-    cached = stage1(subject, base, Path(args.work))
-    first = None
-    for name in args.variants:
+    for i, name in enumerate(args.variants):
         config = apply_overrides(base, VARIANTS[name])
+        cached = stage1(subject, config, Path(args.work))
         t = time.perf_counter()
         result = run_variant(subject, config, cached)
-        first = first or (name, config, result)
+        if i == 0 and args.save_seed:
+            SeedState.from_result(result).save(args.save_seed)
         row = {"overrides": args.base + extra + VARIANTS[name], "config_hash": config.hash(), **scores(result, subject),
                "seconds": result.timings["total"], "stage2_s": result.timings["stage2"],
                "stage2_iterations": result.iterations["stage2"], "qc": result.qc.status if result.qc else None,
@@ -166,25 +189,32 @@ def main():
         print(f"{name}: final {row['final']} q0 {row['q0']} stage 2 {time.perf_counter() - t:.0f} s "
               f"({row['stage2_iterations']} it)", flush=True)
         out_path.write_text(json.dumps(out, indent=1))
-    if args.adapt:
-        out["adaptation"] = adaptation(first, args)
-        out_path.write_text(json.dumps(out, indent=1))
     plot(out, out_path.with_suffix(".png"))
 
 
-def adaptation(first, args) -> dict:
-    """Subject 2 adapted from the first variant's result, and from scratch at its config, both timed."""
-    name, config, seed_result = first
-    seed = SeedState.from_result(seed_result).to_numpy_dict()
+def adaptation(base, args) -> dict:
+    """Subject 2 adapted from the seed in --adapt-from, once per --adapt-variants, each a full timed
+    `reconstruct`; with --scratch, beside subject 2's scratch reconstruction (stage 1 cached; its Q⁽⁰⁾
+    curve is the yardstick of the adapted stage 1)."""
+    seed = SeedState.load(args.adapt_from).to_numpy_dict()
     subject, _ = simulate(1, args)
-    adapted = reconstruct(subject, config, seed_state=seed)
-    scratch = reconstruct(subject, config)
-    row = {"seed_variant": name, "subject": subject.subject_id,
-           "adapted": {**scores(adapted, subject), "seconds": adapted.timings["total"], "iterations": adapted.iterations},
-           "scratch": {**scores(scratch, subject), "seconds": scratch.timings["total"], "iterations": scratch.iterations}}
-    print(f"adapted {row['adapted']['final']} {row['adapted']['seconds']:.0f} s; scratch {row['scratch']['final']} "
-          f"{row['scratch']['seconds']:.0f} s", flush=True)
-    return row
+    out = {}
+    if args.scratch:
+        cached = stage1(subject, base, Path(args.work))
+        out["scratch_stage1"] = {"seconds": float(cached["seconds"]), "watch": [
+            {k: e[k] for k in e if k == "iteration" or k.startswith("nrmse_")} for e in json.loads(cached["history"])]}
+        scratch = run_variant(subject, base, cached)
+        out["scratch"] = {**scores(scratch, subject), "seconds": scratch.timings["total"], "iterations": scratch.iterations}
+        print(f"scratch {out['scratch']['final']} {out['scratch']['seconds']:.0f} s", flush=True)
+    for name in args.adapt_variants:
+        config = apply_overrides(base, ADAPT_VARIANTS[name])
+        adapted = reconstruct(subject, config, seed_state=seed)
+        out[name] = {"overrides": ADAPT_VARIANTS[name], **scores(adapted, subject), "seconds": adapted.timings["total"],
+                     "stage_seconds": {k: adapted.timings[k] for k in ("stage1", "stage2")},
+                     "iterations": adapted.iterations, "watch": [
+                         {k: e[k] for k in e if k in ("stage", "iteration") or k.startswith("nrmse_")} for e in adapted.history]}
+        print(f"adapted ({name}): {out[name]['final']} q0 {out[name]['q0']} {out[name]['seconds']:.0f} s", flush=True)
+    return {"subject": subject.subject_id, "seed": args.adapt_from, **out}
 
 
 if __name__ == "__main__":

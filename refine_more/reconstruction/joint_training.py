@@ -4,7 +4,8 @@ the learned iterations, which start from the INR's maps Q⁽⁰⁾ as they train
 The variants issue 26 measures (`config.unroll`, docs/paper-departures.md):
 - `freeze_map_hash`: hash 3 stays as stage 1 left it and stage 1's Adam goes on, with the U-Net
   (and whatever else stage 2 trains) as a new parameter group (the public code);
-- `training = 'held-out-stop'`: SSDU's Γ (splitting.py) is held out of every loss; every
+- `training = 'held-out-stop'`: SSDU's Γ (splitting.py) is held out of every loss, stage 1's too
+  (a Γ the INR was fitted to in stage 1 scores best before stage 2 moves it: the stop came at once); every
   `ssdu_validate_every` iterations the last phase's data term on Γ is scored, training stops after
   `ssdu_patience` scores without a new lowest one, and the weights of the lowest are kept (the
   untrained refinement is the first score). The final maps use all acquired k-space;
@@ -40,8 +41,9 @@ class HeldOutStop:
         """The last phase's data term on Γ (the untrained refinement, before any step: the first score)."""
         with torch.no_grad():
             W, c0 = run.inr.images(run.chunk), run.inr.map_channels()
-            prob = run.physics
-            q, z = run.unrolled(self.objective.start(c0), self.objective, prob.background_phase(W), prob.tissue)[-1]
+            prob, start = run.physics, self.objective.start(c0)
+            outs = run.unrolled(start, self.objective, prob.background_phase(W), prob.tissue)
+            q, z = outs[-1] if outs else (start, prob.background_phase(W))     # K = 0: Q⁽⁰⁾ itself
             return float(self.validation.physics_consistency(q, z))
 
     def update(self, run, value: float) -> bool:
@@ -92,7 +94,7 @@ def _forward(run, prob, term):
 def train_jointly(run) -> torch.Tensor:
     """Stage 2 of the paper (and its variants above); returns the final map channels."""
     s, prob, term, inr = run.schedule, run.physics, run.objective, run.inr
-    stop = HeldOutStop(run) if run.config.unroll.training == "held-out-stop" and s["n2"] else None
+    stop = run.held_out if s["n2"] else None
     if stop is not None:
         prob, term = stop.physics, stop.objective
         stop.update(run, stop.score(run))

@@ -26,7 +26,7 @@ from refine_more.reconstruction.losses import inr_losses, inr_losses_chunked, in
 from refine_more.evaluation.metrics import score_maps
 from refine_more.files.names import SCORED_MAPS
 from refine_more.reconstruction.objective import RefinementObjective
-from refine_more.reconstruction.joint_training import train_jointly
+from refine_more.reconstruction.joint_training import HeldOutStop, train_jointly
 from refine_more.reconstruction.optimizer import adam, plateaued
 from refine_more.reconstruction.qc import assess
 from refine_more.physics.scan import ScanPhysics, resolve_device
@@ -85,6 +85,12 @@ class ReconRun:
     inr_outputs: object = None       # (W, Q⁽⁰⁾) of an INR that stage 2 leaves as it is (the warm-start path)
     on_progress: object = None       # callable(phase, done, total): where the run is (a cohort's progress file)
     stage1_optimizer: object = None  # stage 1's Adam, for a stage 2 that goes on with it (`unroll.freeze_map_hash`)
+    held_out: object = None          # joint_training.HeldOutStop: Γ out of every training loss (`held-out-stop`)
+
+    @property
+    def training_physics(self):
+        """What the INR's losses see: all acquired samples, or Ω\\Γ with a held-out stop."""
+        return self.held_out.physics if self.held_out is not None else self.physics
 
     def progress(self, phase: str, done: int = 0, total: int = 0) -> None:
         """Tell `on_progress` where the run is. A failed report is a warning: it never costs the run."""
@@ -137,14 +143,14 @@ class ReconRun:
         if not 0 < k < self.subject.n_images:
             return self.inr_state(backward=True)[1:]
         index = torch.randperm(self.subject.n_images, generator=generator)[:k].sort().values
-        _, c0, loss1, loss2 = inr_losses_sampled(self.inr, self.physics, self.config.tv_weight,
+        _, c0, loss1, loss2 = inr_losses_sampled(self.inr, self.training_physics, self.config.tv_weight,
                                                  index.to(self.physics.tissue.device))
         (loss1 + loss2).backward()
         return c0.detach(), loss1.detach(), loss2.detach()
 
     def inr_state(self, backward: bool):
         """(W, Q⁽⁰⁾ channels, loss 1, loss 2) of the INR, gradients accumulated with `backward`."""
-        prob, tv = self.physics, self.config.tv_weight
+        prob, tv = self.training_physics, self.config.tv_weight
         if self.chunk:
             return inr_losses_chunked(self.inr, prob, tv, self.chunk, backward=backward)
         if not backward:
@@ -191,6 +197,8 @@ def setup(subject, config: ReconConfig, seed_state=None, *, track_reference=True
                    inr=inr, unrolled=unrolled, method=method, schedule=schedule,
                    params={"stage1": stage1, "stage2": stage2}, reference=reference, t_start=t_start,
                    on_progress=on_progress)
+    if config.unroll.training == "held-out-stop":     # Γ out of stage 1 too: an unbiased first score
+        run.held_out = HeldOutStop(run)
     run.timings["setup"] = time.perf_counter() - t_start
     run.bar = tqdm(total=schedule["n1"] + schedule["n2"], desc=progress_desc or subject.subject_id,
                    disable=not config.progress, leave=False)

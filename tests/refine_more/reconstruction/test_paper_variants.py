@@ -88,29 +88,30 @@ def test_frozen_map_hash_keeps_stage1_tables_and_stage1_adam_goes_on():
 
 
 def test_held_out_stop_never_trains_on_gamma_and_keeps_the_lowest_scored_weights():
-    """From one stage-1 INR, two stage 2s whose data differ only on Γ train identically (every loss
-    sees Ω\\Γ; stage 1 saw all of it, as in ssdu.py); their held-out scores differ. The kept weights
-    score the lowest value recorded."""
+    """Two runs whose data differ only on Γ train identically, stage 1 and stage 2 (every loss sees
+    Ω\\Γ); their held-out scores differ. The kept weights score the lowest value recorded."""
     from refine_more.reconstruction.joint_training import HeldOutStop
+    from refine_more.reconstruction.recon import train_inr
 
     cfg = _config("unroll.training=held-out-stop", "unroll.ssdu_validate_every=1", "unroll.ssdu_patience=3",
                   "iters_stage2=12", "log_every=1")
     subject = _subject()
-    first = _trained(cfg, subject)
-    second = setup(subject, cfg)
-    second.inr.load_state_dict(first.inr.state_dict())
+    first, second = setup(subject, cfg), setup(subject, cfg)
     part = self_supervised_partition(subject.mask, cfg.unroll.ssdu_validation_fraction,
                                      cfg.unroll.ssdu_loss_fraction, 1, seed=cfg.seed)
     gamma = torch.from_numpy(part.validation)[:, None, :, :, None].expand_as(second.physics.kspace)
     second.physics.kspace = torch.where(gamma, second.physics.kspace * 1.5 + 0.01, second.physics.kspace)
+    second.held_out = HeldOutStop(second)        # its Ω\\Γ and Γ from the altered data
     for run in (first, second):
+        train_inr(run)
         train_refinement(run)
+    losses = [[(e["stage"], e["loss"]) for e in r.history] for r in (first, second)]
+    assert losses[0] == losses[1] and {stage for stage, _ in losses[0]} == {1, 2}
     stage2 = [[e for e in r.history if e["stage"] == 2] for r in (first, second)]
-    assert [e["loss"] for e in stage2[0]] == [e["loss"] for e in stage2[1]]
     assert [e["loss_held_out"] for e in stage2[0]] != [e["loss_held_out"] for e in stage2[1]]
     for run, history in zip((first, second), stage2):
         scored = [e["loss_held_out"] for e in history]
-        assert HeldOutStop(run).score(run) <= min(scored) * (1 + 1e-5)
+        assert run.held_out.score(run) <= min(scored) * (1 + 1e-5)
         assert 1 <= run.done["stage2"] <= cfg.iters_stage2
 
 
@@ -122,6 +123,9 @@ def test_no_learned_iteration_gives_the_inr_maps_or_the_classical_minimum():
         torch.testing.assert_close(final, run.inr.map_channels(), rtol=0, atol=0)
     assert run.done["stage2"] == cfg.iters_stage2
     assert not any("loss3_last" in e for e in run.history)
+    stopped = _trained(_config("unroll.iterations=0", "unroll.training=held-out-stop", "unroll.ssdu_validate_every=2"))
+    train_refinement(stopped)                  # Q⁽⁰⁾ itself is scored on Γ
+    assert any("loss_held_out" in e for e in stopped.history)
     warm = apply_overrides(preset("tiny"), ["unroll.iterations=0", "unroll.warm_start_steps=4"])
     run = _trained(warm)
     final = train_refinement(run)
