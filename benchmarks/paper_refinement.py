@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--adapt-variants", nargs="+", default=["paper"], choices=sorted(ADAPT_VARIANTS))
     ap.add_argument("--scratch", action="store_true",
                     help="with --adapt-from: also subject 2's scratch reconstruction (stage 1 cached, its Q⁽⁰⁾ curve kept)")
+    ap.add_argument("--paper-variant", default="K4", help="the variant whose row is `paper` in the summary keys")
+    ap.add_argument("--summarise", action="store_true", help="only recompute the summary keys of --out")
     ap.add_argument("--work", default="runs/paper_refinement")
     ap.add_argument("--out", default=str(RESULTS / "paper_refinement.json"))
     args = ap.parse_args()
@@ -166,8 +168,10 @@ def main():
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
     extra = [f"iters_stage2={args.iters2}"] if args.iters2 is not None else []
     base = apply_overrides(preset("paper"), args.base + extra)
-    if args.adapt_from:
-        out["adaptation"] = {**out.get("adaptation", {}), **adaptation(base, args)}
+    if args.summarise or args.adapt_from:
+        if args.adapt_from:
+            out["adaptation"] = {**out.get("adaptation", {}), **adaptation(base, args)}
+        summarise(out, args.paper_variant)
         out_path.write_text(json.dumps(out, indent=1))
         return
     subject, floor = simulate(0, args)
@@ -188,8 +192,24 @@ def main():
         out["variants"][name] = row
         print(f"{name}: final {row['final']} q0 {row['q0']} stage 2 {time.perf_counter() - t:.0f} s "
               f"({row['stage2_iterations']} it)", flush=True)
+        summarise(out, args.paper_variant)
         out_path.write_text(json.dumps(out, indent=1))
     plot(out, out_path.with_suffix(".png"))
+
+
+def summarise(out: dict, paper_variant: str) -> None:
+    """The keys issue 26 names, from the rows run: `paper` is `paper_variant`'s final maps, `q0` its
+    INR's, `ablation` the final maps of each K run (K = 0: the INR's maps), `paper_adapted` the
+    adaptation row named "paper" (WM + GM nRMSE %, means over the subjects run: one each here)."""
+    variants, adapted = out.get("variants", {}), out.get("adaptation", {})
+    if paper_variant in variants:
+        row = variants[paper_variant]
+        out.update({"paper": row["final"], "q0": row["q0"], "paper_s": row["seconds"], "paper_variant": paper_variant})
+    out["ablation"] = {name[1:]: variants[name]["final"] for name in sorted(variants, key=lambda n: int(n[1:]) if n[1:].isdigit() else 99)
+                       if name.startswith("K") and name[1:].isdigit()}
+    if "paper" in adapted:
+        out.update({"paper_adapted": adapted["paper"]["final"], "paper_adapted_s": adapted["paper"]["seconds"],
+                    "subjects": sorted(set(out.get("subjects", [])) | {adapted["subject"]})})
 
 
 def adaptation(base, args) -> dict:

@@ -112,12 +112,12 @@ def train_jointly(run) -> torch.Tensor:
         losses = {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}
         if phases:
             losses["loss3_last"] = phases[-1]          # against the noise floor (issue 26)
-        halt = False
+        halt = scored = False
         if stop is not None and ((it + 1) % stop.every == 0 or it == s["n2"] - 1):
             value = stop.score(run)
             losses["loss_held_out"] = torch.tensor(value)
-            halt = stop.update(run, value)
-        run.log(2, it, s["n2"], losses, outs[-1][0] if outs else c0, c0)
+            halt, scored = stop.update(run, value), True
+        run.log(2, it, s["n2"], losses, outs[-1][0] if outs else c0, c0, force=scored)   # every score kept
         run.bar.update(1)
         run.bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")
         run.progress("stage 2", it + 1, s["n2"])

@@ -118,8 +118,8 @@ class ReconRun:
         T = self.subject.n_images
         return self.config.image_chunk if 0 < self.config.image_chunk < T else 0
 
-    def log(self, stage, it, n, losses, channels, init_channels=None):
-        if it % self.config.log_every and it != n - 1:
+    def log(self, stage, it, n, losses, channels, init_channels=None, force=False):
+        if it % self.config.log_every and it != n - 1 and not force:
             return
         entry = {"stage": stage, "iteration": it, "seconds": time.perf_counter() - self.t_start,
                  **{k: float(v.detach()) for k, v in losses.items()}}
