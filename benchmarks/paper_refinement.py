@@ -145,6 +145,25 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ablation(out: dict, path: Path) -> None:
+    """The paper's Fig. 8: final nRMSE (WM + GM) against the number of learned phases K."""
+    ablation = out.get("ablation") or {}
+    if len(ablation) < 2:
+        return
+    ks = sorted(ablation, key=int)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for p in MAPS:
+        ax.plot([int(k) for k in ks], [ablation[k][p] for k in ks], "o-", label=p)
+    ax.set_xlabel("learned phases K (0: the INR's maps)")
+    ax.set_ylabel("nRMSE % in WM + GM")
+    ax.set_xticks([int(k) for k in ks])
+    ax.set_title(f"{', '.join(out.get('subjects', [])[:1])}: stage 2 stopped on held-out k-space", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["paper"], choices=sorted(VARIANTS))
@@ -173,6 +192,7 @@ def main():
             out["adaptation"] = {**out.get("adaptation", {}), **adaptation(base, args)}
         summarise(out, args.paper_variant)
         out_path.write_text(json.dumps(out, indent=1))
+        plot_ablation(out, out_path.with_name(f"{out_path.stem}_ablation.png"))
         return
     subject, floor = simulate(0, args)
     out.update({"subjects": [subject.subject_id], "matrix": args.matrix, "acceleration": args.acc,
@@ -195,6 +215,7 @@ def main():
         summarise(out, args.paper_variant)
         out_path.write_text(json.dumps(out, indent=1))
     plot(out, out_path.with_suffix(".png"))
+    plot_ablation(out, out_path.with_name(f"{out_path.stem}_ablation.png"))
 
 
 def summarise(out: dict, paper_variant: str) -> None:

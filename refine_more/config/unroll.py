@@ -67,15 +67,15 @@ class UnrollConfig:
     'held-out-stop', the paper's joint training on Ω\\Γ, stopped when the last phase's data term on Γ
     stops falling, with the best weights kept (joint_training.py; no warm start; issue 26)."""
     ssdu_validation_fraction: float = 0.15
-    """Self-supervised: fraction of the acquired samples held out as Γ (only to decide when to stop)."""
+    """Self-supervised and held-out-stop: fraction of the acquired samples held out as Γ (only to decide when to stop)."""
     ssdu_loss_fraction: float = 0.4
     """Self-supervised: fraction of the rest held out as Λ (the loss) in each split (SSDU's best ρ)."""
     ssdu_splits: int = 2
     """Self-supervised: number of (Θ, Λ) draws, each with its own warm start on Θ."""
     ssdu_validate_every: int = 5
-    """Self-supervised: iterations between evaluations of the held-out loss on Γ."""
+    """Self-supervised and held-out-stop: iterations between evaluations of the held-out loss on Γ."""
     ssdu_patience: int = 3
-    """Self-supervised: stop after this many evaluations without a lower loss on Γ; the weights of
+    """Self-supervised and held-out-stop: stop after this many evaluations without a lower loss on Γ; the weights of
     the lowest one are kept (the untrained identity counts: the learned stage cannot make Γ worse)."""
     fixed_step: float = 0.0
     """> 0: the public code's data step instead of learned ones: α = this on every map, never trained, times
