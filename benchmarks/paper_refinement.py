@@ -178,6 +178,8 @@ def main():
     ap.add_argument("--scratch", action="store_true",
                     help="with --adapt-from: also subject 2's scratch reconstruction (stage 1 cached, its Q⁽⁰⁾ curve kept)")
     ap.add_argument("--paper-variant", default="K4", help="the variant whose row is `paper` in the summary keys")
+    ap.add_argument("--paper-adapted-variant", default="lr-1e-2-mlp1", choices=sorted(ADAPT_VARIANTS),
+                    help="the adaptation row that is `paper_adapted` (today's `paper` adapts as lr-1e-2-mlp1)")
     ap.add_argument("--summarise", action="store_true", help="only recompute the summary keys of --out")
     ap.add_argument("--work", default="runs/paper_refinement")
     ap.add_argument("--out", default=str(RESULTS / "paper_refinement.json"))
@@ -190,7 +192,7 @@ def main():
     if args.summarise or args.adapt_from:
         if args.adapt_from:
             out["adaptation"] = {**out.get("adaptation", {}), **adaptation(base, args)}
-        summarise(out, args.paper_variant)
+        summarise(out, args.paper_variant, args.paper_adapted_variant)
         out_path.write_text(json.dumps(out, indent=1))
         plot_ablation(out, out_path.with_name(f"{out_path.stem}_ablation.png"))
         return
@@ -212,24 +214,30 @@ def main():
         out["variants"][name] = row
         print(f"{name}: final {row['final']} q0 {row['q0']} stage 2 {time.perf_counter() - t:.0f} s "
               f"({row['stage2_iterations']} it)", flush=True)
-        summarise(out, args.paper_variant)
+        summarise(out, args.paper_variant, args.paper_adapted_variant)
         out_path.write_text(json.dumps(out, indent=1))
     plot(out, out_path.with_suffix(".png"))
     plot_ablation(out, out_path.with_name(f"{out_path.stem}_ablation.png"))
 
 
-def summarise(out: dict, paper_variant: str) -> None:
+def summarise(out: dict, paper_variant: str, adapted_variant: str) -> None:
     """The keys issue 26 names, from the rows run: `paper` is `paper_variant`'s final maps, `q0` its
     INR's, `ablation` the final maps of each K run (K = 0: the INR's maps), `paper_adapted` the
-    adaptation row named "paper" (WM + GM nRMSE %, means over the subjects run: one each here)."""
+    adaptation row `adapted_variant` (WM + GM nRMSE %; one subject each here)."""
     variants, adapted = out.get("variants", {}), out.get("adaptation", {})
-    if paper_variant in variants:
-        row = variants[paper_variant]
-        out.update({"paper": row["final"], "q0": row["q0"], "paper_s": row["seconds"], "paper_variant": paper_variant})
+    if paper_variant in variants:      # scratch rows: sub-001's variant and, when run, the adapted subject's own
+        rows = {out["subjects"][0]: variants[paper_variant]}
+        if "scratch" in adapted:
+            rows[adapted["subject"]] = adapted["scratch"]
+        mean = lambda key: {p: float(np.mean([r[key][p] for r in rows.values()])) for p in MAPS}
+        out.update({"paper": mean("final"), "q0": mean("q0"), "paper_s": float(np.mean([r["seconds"] for r in rows.values()])),
+                    "paper_variant": paper_variant, "paper_by_subject": {k: {"final": r["final"], "q0": r["q0"],
+                                                                                "seconds": r["seconds"]} for k, r in rows.items()}})
     out["ablation"] = {name[1:]: variants[name]["final"] for name in sorted(variants, key=lambda n: int(n[1:]) if n[1:].isdigit() else 99)
                        if name.startswith("K") and name[1:].isdigit()}
-    if "paper" in adapted:
-        out.update({"paper_adapted": adapted["paper"]["final"], "paper_adapted_s": adapted["paper"]["seconds"],
+    if adapted_variant in adapted:
+        row = adapted[adapted_variant]
+        out.update({"paper_adapted": row["final"], "paper_adapted_s": row["seconds"], "paper_adapted_variant": adapted_variant,
                     "subjects": sorted(set(out.get("subjects", [])) | {adapted["subject"]})})
 
 
