@@ -42,21 +42,23 @@ from refine_more.reconstruction.recon import finish, reconstruct, setup, train_i
 
 RESULTS = Path(__file__).parent / "results"
 MAPS = ("T1F", "f", "kF")
-VARIANTS = {
-    "paper": [],
-    "inert-step": ["unroll.fixed_step=1e-3"],                 # the public code's α, never trained
-    "hash3-frozen": ["unroll.freeze_map_hash=true"],          # the code: hash 3 frozen, one Adam
-    "tissue-masked": ["unroll.mask_outside_tissue=true"],     # the code masks the maps to tissue
+PUBLISHED = ["unroll.training=full"]          # the published 1500 stage-2 iterations (`paper` before decision 024)
+VARIANTS = {   # as measured: the watch and the 500-iteration sweep on the published schedule, Fig. 8 with --base held-out
+    "paper": PUBLISHED,
+    "inert-step": PUBLISHED + ["unroll.fixed_step=1e-3"],                 # the public code's α, never trained
+    "hash3-frozen": PUBLISHED + ["unroll.freeze_map_hash=true"],          # the code: hash 3 frozen, one Adam
+    "tissue-masked": PUBLISHED + ["unroll.mask_outside_tissue=true"],     # the code masks the maps to tissue
     "held-out-stop": ["unroll.training=held-out-stop", "unroll.ssdu_validate_every=10", "unroll.ssdu_patience=10"],
-    "unet-sized": ["unroll.unet_width=8", "unroll.unet_levels=2"],   # `small`'s U-Net: 6×32×32 slices
+    "unet-sized": PUBLISHED + ["unroll.unet_width=8", "unroll.unet_levels=2"],   # `small`'s U-Net: 6×32×32 slices
     **{f"K{k}": [f"unroll.iterations={k}"] for k in (0, 1, 2, 4, 6)},
 }
-ADAPT_VARIANTS = {   # the suspects of issue 26 for adaptation at the paper's settings (500 + 200, lr 1e-3)
-    "paper": [],
-    "lr-1e-2": ["adapt.lr=0.01"],                              # stage 1's rate on the fresh spatial hashes
-    "mlp1-trained": ["adapt.train_image_mlp=true"],            # MLP1 adapted with the hashes
-    "warm-hashes": ["adapt.warm_spatial_hashes=true"],         # hashes 2/3 start from the seed's tables
-    "lr-1e-2-mlp1": ["adapt.lr=0.01", "adapt.train_image_mlp=true"],
+PAPER_ADAPT = ["adapt.lr=0.001", "adapt.train_image_mlp=false"]      # the paper's adaptation settings
+ADAPT_VARIANTS = {   # the suspects of issue 26 for adaptation at the paper's settings (500 + 200)
+    "paper": PAPER_ADAPT,
+    "lr-1e-2": ["adapt.lr=0.01", "adapt.train_image_mlp=false"],      # stage 1's rate on the fresh spatial hashes
+    "mlp1-trained": ["adapt.lr=0.001", "adapt.train_image_mlp=true"], # MLP1 adapted with the hashes
+    "warm-hashes": PAPER_ADAPT + ["adapt.warm_spatial_hashes=true"],  # hashes 2/3 start from the seed's tables
+    "lr-1e-2-mlp1": ["adapt.lr=0.01", "adapt.train_image_mlp=true"],  # today's `paper` (decision 024)
 }
 
 
@@ -73,9 +75,11 @@ def simulate(index: int, args):
 
 
 def stage1(subject, config, work: Path) -> dict:
-    """`paper`'s stage 1 on `subject`, cached: the INR's and Adam's state, its seconds and history."""
+    """`paper`'s stage 1 on `subject`, cached: the INR's and Adam's state, its seconds and history (keyed by
+    the subject's simulation, the stage-1 schedule and what stage 1 sees; the notes carry seed, SNR and AF)."""
     held_out = "_held_out" if config.unroll.training == "held-out-stop" else ""     # Γ out of stage 1 too
-    path = work / f"stage1_{subject.subject_id}_{config.iters_stage1}{held_out}.pt"
+    made = "".join(ch if ch.isalnum() else "-" for ch in subject.notes[0])[:80] if subject.notes else ""
+    path = work / f"stage1_{subject.subject_id}_{'x'.join(map(str, subject.shape))}_{made}_{config.iters_stage1}{held_out}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)       # our own file; never unpickles code
     run = setup(subject, config)

@@ -82,6 +82,9 @@ def range_problems(config) -> list:
     if unroll is not None and unroll.start != "inr" and not unroll.warm_start_steps:
         problems.append(f"config.unroll.start = {unroll.start!r} needs a warm start (unroll.warm_start_steps > 0): "
                         "without one the learned iterations start from the INR's maps")
+    if unroll is not None and unroll.training == "self-supervised" and not unroll.iterations:
+        problems.append("config.unroll.training = 'self-supervised' trains the learned iterations: it needs "
+                        "unroll.iterations >= 1, got 0")
     if unroll is not None and unroll.training == "held-out-stop" and unroll.warm_start_steps:
         problems.append("config.unroll.training = 'held-out-stop' is the joint (paper) stage 2: it needs "
                         f"unroll.warm_start_steps = 0, got {unroll.warm_start_steps}")

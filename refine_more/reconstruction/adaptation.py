@@ -35,7 +35,8 @@ def _compat_view(config: ReconConfig) -> dict:
     """The matrix-independent parts of a config that a seed and its adapted runs must share."""
     d = config.to_dict()
     return {"inr": d["inr"], "unroll": {k: d["unroll"][k] for k in ("iterations", "unet_width", "unet_levels", "unet_out_kernel", "refine_k", "preconditioner", "warm_start_steps",
-                                                      "warm_start_solver", "map_smoothness", "map_edge_scale")},
+                                                      "warm_start_solver", "map_smoothness", "map_edge_scale")
+                                                      + tuple(k for k in ("fixed_step", "mask_outside_tissue") if d["unroll"][k])},
             "k_band": list(d["k_band"])}
 
 

@@ -14,6 +14,7 @@ The variants issue 26 measures (`config.unroll`, docs/paper-departures.md):
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,7 +33,7 @@ class HeldOutStop:
         part = self_supervised_partition(run.subject.mask, cfg.ssdu_validation_fraction, cfg.ssdu_loss_fraction,
                                          1, seed=run.config.seed)
         self.physics = prob.restricted(part.rest)             # what every loss sees
-        self.objective = RefinementObjective(self.physics, cfg)
+        self.objective = RefinementObjective(self.physics, cfg, image_chunk=run.chunk)
         self.validation = prob.restricted(part.validation)
         self.every, self.patience = cfg.ssdu_validate_every, cfg.ssdu_patience
         self.best, self.best_state, self.since_best = float("inf"), None, 0
@@ -71,6 +72,8 @@ def _optimizer(run):
     for p in run.inr.hash_maps.parameters():
         p.requires_grad_(False)
     opt = run.stage1_optimizer
+    for group in opt.param_groups:      # stage 1's groups go on at stage 2's rate (adapted runs: lr_stage2)
+        group["lr"] = s["lr2"]
     known = {id(p) for group in opt.param_groups for p in group["params"]}
     new = [p for p in run.params["stage2"] if id(p) not in known and id(p) not in frozen]
     if new:
@@ -106,7 +109,8 @@ def train_jointly(run) -> torch.Tensor:
         c0, loss1, loss2, outs, phases = _forward(run, prob, term)
         loss3 = sum(phases) if phases else torch.zeros((), device=c0.device)
         total = loss1 + loss2 + loss3
-        total.backward()
+        if total.requires_grad:     # K = 0 with image chunks: loss 1 + 2 were backpropagated chunk by chunk
+            total.backward()
         opt.step()
         totals.append(total.item())
         losses = {"loss1": loss1, "loss2": loss2, "loss3": loss3, "loss": total}
@@ -115,8 +119,9 @@ def train_jointly(run) -> torch.Tensor:
         halt = scored = False
         if stop is not None and ((it + 1) % stop.every == 0 or it == s["n2"] - 1):
             value = stop.score(run)
-            losses["loss_held_out"] = torch.tensor(value)
             halt, scored = stop.update(run, value), True
+            if math.isfinite(value):      # a NaN score stops (best weights restored); the log refuses NaN
+                losses["loss_held_out"] = torch.tensor(value)
         run.log(2, it, s["n2"], losses, outs[-1][0] if outs else c0, c0, force=scored)   # every score kept
         run.bar.update(1)
         run.bar.set_postfix(stage=2, l1=f"{loss1.item():.3g}", l3=f"{loss3.item():.3g}")

@@ -162,7 +162,7 @@ def test_a_unet_deeper_than_the_matrix_is_refused_before_any_work(tiny_config):
 
 # -- configs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, key", [
-    ("iters_stage1=-5", "config.iters_stage1"), ("unroll.iterations=0", "config.unroll.iterations"),
+    ("iters_stage1=-5", "config.iters_stage1"), ("unroll.iterations=-1", "config.unroll.iterations"),
     ("lr=NaN", "config.lr"), ("adapt.lora_rank=0", "config.adapt.lora_rank"),
     ("inr.hash_maps.log2_hashmap_size=40", "config.inr.hash_maps: log2_hashmap_size"),
     ("unroll.map_smoothness=[0,-1,0,0]", "config.unroll.map_smoothness"),
@@ -179,7 +179,7 @@ def test_config_values_out_of_range_fail_at_load(override, key):
     ("c.yaml", "- 1\n- 2\n", "expected a table of keys, got list"),
     ("c.json", '{"iters_stage1": 5,}', "JSON syntax error at line 1"),
     ("c.toml", "iters_stage1 = = 5\n", "TOML syntax error"),
-    ("c.yaml", "unroll:\n  iterations: 0\n", "config.unroll.iterations: must be an integer >= 1"),
+    ("c.yaml", "unroll:\n  iterations: -1\n", "config.unroll.iterations: must be an integer >= 0"),
     ("c.yaml", "inr: 5\n", "config.inr: expected a table"),
     ("c.yaml", "iters_stage1: -5\n", "config.iters_stage1"),
 ])

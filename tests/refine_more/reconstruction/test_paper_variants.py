@@ -138,3 +138,13 @@ def test_new_options_at_their_neutral_values_keep_the_recorded_hashes():
     base = preset("paper")
     for item in ("unroll.fixed_step=0.001", "unroll.mask_outside_tissue=true", "unroll.freeze_map_hash=true"):
         assert apply_overrides(base, [item]).hash() != base.hash(), item
+
+
+def test_options_that_cannot_run_together_fail_at_load():
+    import pytest
+
+    with pytest.raises(ValueError, match="self-supervised"):
+        apply_overrides(preset("tiny"), ["unroll.iterations=0", "unroll.training=self-supervised",
+                                         "unroll.warm_start_steps=4"])
+    with pytest.raises(ValueError, match="held-out-stop"):
+        apply_overrides(preset("tiny"), ["unroll.training=held-out-stop", "unroll.warm_start_steps=4"])
