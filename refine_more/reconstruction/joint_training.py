@@ -43,8 +43,9 @@ class HeldOutStop:
         with torch.no_grad():
             W, c0 = run.inr.images(run.chunk), run.inr.map_channels()
             prob, start = run.physics, self.objective.start(c0)
-            outs = run.unrolled(start, self.objective, prob.background_phase(W), prob.tissue)
-            q, z = outs[-1] if outs else (start, prob.background_phase(W))     # K = 0: Q⁽⁰⁾ itself
+            phase = prob.background_phase(W)
+            outs = run.unrolled(start, self.objective, phase, prob.tissue)
+            q, z = outs[-1] if outs else (start, phase)     # K = 0: Q⁽⁰⁾ itself
             return float(self.validation.physics_consistency(q, z))
 
     def update(self, run, value: float) -> bool:
