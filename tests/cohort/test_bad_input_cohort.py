@@ -61,7 +61,7 @@ def test_a_rejected_manifest_leaves_no_output_folder(tmp_path, sim_cohort, capsy
 
 @pytest.mark.parametrize("args, words", [
     (["--set", "iters_stage1=-5"], "config.iters_stage1: must be an integer >= 1"),
-    (["--set", "unroll.iterations=0"], "config.unroll.iterations"),
+    (["--set", "unroll.iterations=-1"], "config.unroll.iterations"),
     (["--set", "adapt.lr=-1"], "config.adapt.lr"),
 ])
 def test_a_bad_config_is_refused_before_any_worker(tmp_path, sim_cohort, capsys, args, words):
@@ -83,7 +83,7 @@ def test_the_driver_refuses_a_bad_config_itself(tmp_path, sim_cohort):
     from cohort.driver import run_cohort
     from refine_more.config import preset
     bad = preset("tiny").to_dict()
-    bad["unroll"]["iterations"] = 0
+    bad["unroll"]["iterations"] = -1
     with pytest.raises(ValueError, match="config.unroll.iterations"):
         run_cohort(sim_cohort, tmp_path / "o", config=bad, tracking=False, progress=False)
 
