@@ -9,9 +9,11 @@ the last ended: its first descent steps again, a new L-BFGS memory). The product
 this noise (decision 022, `prior_scale`) is recorded; the factors here multiply the tuned weights.
 The LLR images are computed once and shared. The truth
 only scores; nothing chooses by it here: the result is a measurement for a decision, not a tuner.
+`--from-truth` also solves from the true maps (the LLR fit's values outside tissue and its phase):
+where both starts end at the same maps, the objective's minimum, not the solve, sets the error.
 
     python benchmarks/prior_at_size.py [--matrix 24 88 88] [--coils 20] [--seed 7000]
-                                       [--factors 1 2 4] [--steps 32 32] [--set KEY=VALUE]... [--out FILE]
+                                       [--factors 1 2 4] [--steps 32 32] [--set KEY=VALUE]... [--from-truth] [--out FILE]
 
 Writes benchmarks/results/prior_at_size.{json,md}; each point is written as soon as it is measured.
 """
@@ -40,12 +42,21 @@ def markdown(doc: dict) -> str:
              f"(benchmarks/prior_at_size.py)", "",
              f"Seed {doc['seed']}, preset `large`{''.join(' --set ' + o for o in doc.get('overrides', []))}, ν/s = {doc['nu_over_s']:.3g}; LLR fit T1F / f / kF "
              f"{llr['T1F']:.2f} / {llr['f']:.2f} / {llr['kF']:.2f} % ({doc['llr_s']:.0f} s).", "",
-             "| prior × | L-BFGS iterations | objective | T1F % | f % | kF % | T1F / f × LLR | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| start | prior × | L-BFGS iterations | objective | T1F % | f % | kF % | T1F / f × LLR | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in doc["points"]:
-        lines.append(f"| {p['factor']:g} | {p['lbfgs']} | {p['objective']:.6g} | {p['T1F']:.2f} | {p['f']:.2f} | "
+        lines.append(f"| {p.get('start', 'llr')} | {p['factor']:g} | {p['lbfgs']} | {p['objective']:.6g} | {p['T1F']:.2f} | {p['f']:.2f} | "
                      f"{p['kF']:.2f} | {p['T1F'] / llr['T1F']:.2f} / {p['f'] / llr['f']:.2f} | {p['s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def truth_channels(run, outside: torch.Tensor) -> torch.Tensor:
+    """The simulated true maps as the refinement's channels inside tissue (`outside`'s elsewhere)."""
+    ref = {name: torch.as_tensor(run.reference[name], dtype=outside.dtype) for name in ("I0", "T1F", "f", "kF")}
+    ref["I0"] = ref["I0"] / run.physics.data_scale
+    ref["k"] = ref["kF"] / ref["f"].clamp_min(1e-6)
+    channels = run.physics.scaling.to_channels(ref)
+    return torch.where(run.physics.tissue.bool()[None], channels, outside)
 
 
 def save(doc: dict, out: Path) -> None:
@@ -63,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of `large` (e.g. unroll.map_edge_scale=[0,0.34,0.34,0])")
+    p.add_argument("--from-truth", action="store_true", help="also solve from the true maps (a diagnostic)")
     p.add_argument("--out", default=str(RESULTS / "prior_at_size"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -70,6 +82,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     subject = simulate_subject(f"sub-{a.seed}", SimulationConfig(matrix=tuple(a.matrix), n_coils=a.coils,
                                                                  acceleration=4.0, mask_type="2d"), seed=a.seed)
+    subject.reference.pop("kspace_full", None)      # as large as the data; only the maps score
     run = setup(subject, apply_overrides(preset("large"), ["progress=false", *a.set]), release_kspace=True)
     images, channels = run.llr()
     weight_factor, edge_factor = prior_scale(run)
@@ -79,15 +92,19 @@ def main(argv=None) -> int:
            "edge_scale_factor": edge_factor, "points": []}
     print(json.dumps({k: v for k, v in doc.items() if k != "points"}), flush=True)
     z0, tissue = run.physics.background_phase(images), run.physics.tissue
-    for factor in a.factors:
+    starts = {"llr": run.objective.start(channels)}
+    if a.from_truth:
+        starts["truth"] = truth_channels(run, starts["llr"])
+        doc["truth_nrmse"] = run._score(starts["truth"], "")
+    for start, factor in ((s, f) for s in starts for f in a.factors):
         run.objective.set_prior_scale(factor, edge_factor)   # δ as the product sets it (no δ: no effect)
-        q, z, done = run.objective.start(channels), z0, 0
+        q, z, done = starts[start], z0, 0
         for steps in a.steps:
             t = time.perf_counter()
             with torch.no_grad():
                 q, z = quasi_newton(run.objective, q, z, tissue.to(q.dtype), steps)
             done += steps
-            point = {"factor": factor, "lbfgs": done, "s": time.perf_counter() - t,
+            point = {"start": start, "factor": factor, "lbfgs": done, "s": time.perf_counter() - t,
                      "objective": float(run.objective.value(q, z)), **run._score(q, "")}
             doc["points"].append(point)
             print(json.dumps(point), flush=True)
